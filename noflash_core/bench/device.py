@@ -1,0 +1,137 @@
+"""Device helpers for the benchmark: synchronisation, peak memory, free memory, a machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Dict, Optional
+
+import torch
+
+__all__ = ["PeakMemory", "describe_machine", "free_memory_bytes", "synchronize"]
+
+# Devices whose caching allocator keeps a peak counter we can reset.
+_ALLOCATOR_PEAK = ("cuda", "xpu")
+
+
+def _backend(device: torch.device):
+    """``torch.cuda`` / ``torch.xpu`` / ``torch.mps`` for a device, or None on CPU."""
+    return getattr(torch, device.type, None) if device.type != "cpu" else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (no-op on CPU)."""
+    backend = _backend(device)
+    if backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+class PeakMemory:
+    """Peak bytes allocated inside the context, above what was allocated on entry.
+
+    CUDA/ROCm and XPU use the caching allocator's ``max_memory_allocated``; every other device (CPU, MPS) uses
+    :class:`~noflash_core.memory_tracker.LiveBytesTracker`, which counts tensor storages exactly.
+
+    Attributes:
+        peak_bytes: set on exit.
+        method: ``"allocator"`` or ``"tracker"``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "allocator" if device.type in _ALLOCATOR_PEAK else "tracker"
+        self.peak_bytes = 0
+        self._tracker = None
+        self._base = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.method == "allocator":
+            backend = _backend(self.device)
+            synchronize(self.device)
+            backend.reset_peak_memory_stats(self.device)
+            self._base = backend.memory_allocated(self.device)
+        else:
+            from ..memory_tracker import LiveBytesTracker
+
+            self._tracker = LiveBytesTracker()
+            self._tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "allocator":
+            backend = _backend(self.device)
+            synchronize(self.device)
+            self.peak_bytes = int(backend.max_memory_allocated(self.device) - self._base)
+        else:
+            self._tracker.__exit__(*exc)
+            self.peak_bytes = int(self._tracker.peak_bytes)
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of ``device`` in bytes (``None`` when unknown).
+
+    Uses noflash's ``device_report`` when it is available, so the benchmark sees the planner's number.
+    """
+    try:
+        from ..device import device_report
+
+        free = device_report(device).get("free_bytes")
+        if free:
+            return int(free)
+    except Exception:  # noqa: BLE001 - the report is optional here; fall back to the direct query
+        pass
+    if device.type == "cpu":
+        return _meminfo_available()
+    backend = _backend(device)
+    if backend is not None and hasattr(backend, "mem_get_info"):
+        return int(backend.mem_get_info(device)[0])
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> Dict[str, object]:
+    """What the numbers were measured on."""
+    info: Dict[str, object] = {
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_total_bytes"] = int(props.total_memory)
+        arch = getattr(props, "gcnArchName", None)
+        if arch:
+            info["gpu_arch"] = arch
+        info["hip"] = getattr(torch.version, "hip", None)
+        info["cuda"] = torch.version.cuda
+    elif device.type in ("xpu", "mps"):
+        backend = _backend(device)
+        name = getattr(backend, "get_device_name", None)
+        info["gpu"] = name(device) if callable(name) and device.type == "xpu" else device.type
+    return info
