@@ -1,0 +1,26 @@
+"""noflash_core: exact, O(N)-memory scaled-dot-product attention in pure PyTorch.
+
+For GPUs where torch has no fused attention kernel (AMD gfx906/RDNA1/RDNA2 under ROCm, Intel Arc, Apple MPS, older
+NVIDIA), where ``torch.nn.functional.scaled_dot_product_attention`` falls back to the math kernel and builds the
+full ``L x S`` score matrix. Importing this package changes nothing; ``enable()`` or ``import noflash_core.auto``
+patches torch's SDPA globally.
+"""
+
+from .device import device_report
+from .patch import disable, enable, is_enabled, patched
+from .planner import Plan, plan
+from .sdpa import scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Plan",
+    "__version__",
+    "device_report",
+    "disable",
+    "enable",
+    "is_enabled",
+    "patched",
+    "plan",
+    "scaled_dot_product_attention",
+]

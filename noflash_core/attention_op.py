@@ -1,0 +1,168 @@
+"""The tiled attention as two registered torch ops, ``noflash::attention_forward`` and ``noflash::attention_backward``.
+
+Registering them with ``torch.library.custom_op`` (and fake implementations) makes ``torch.compile`` see one op per
+call, with no graph break, and gives autograd an O(N)-memory backward:
+
+* the forward saves only q, k, v, the mask, the output and the per-row log-sum-exp (plus the dropout seed, an int);
+* the backward recomputes each tile (see ``backward.py``) and retries with halved blocks on
+  ``torch.OutOfMemoryError``, unless the blocks were pinned.
+
+Both ops work on the canonical layout of ``problem.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+
+from .backward import attention_backward
+from .oom import free_cached_memory
+from .planner import MIN_BLOCK
+from .problem import AttentionProblem
+from .tier1 import tier1_forward
+from .tier2 import tier2_forward
+from .tier3 import tier3_forward
+from .tiles import DropoutSpec
+
+__all__ = ["attention_forward_op", "run_forward"]
+
+_log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float):
+    return AttentionProblem(q, k, v, mask, is_causal, scale, ())
+
+
+def _dropout(p: float, seed: int) -> Optional[DropoutSpec]:
+    return DropoutSpec(p, seed) if p > 0.0 else None
+
+
+def run_forward(
+    problem: AttentionProblem, tier: int, block_m: int, block_n: int, dropout: Optional[DropoutSpec], need_lse: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Run one tier's forward on a canonical problem: ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` or None."""
+    if tier == 1:
+        return tier1_forward(problem, block_m, dropout, need_lse)
+    if tier == 2:
+        return tier2_forward(problem, block_m, block_n, dropout, need_lse)
+    if tier == 3:
+        return tier3_forward(problem, block_m, dropout), None
+    raise ValueError(f"tier must be 1, 2 or 3, got {tier!r}")
+
+
+@torch.library.custom_op("noflash::attention_forward", mutates_args=())
+def attention_forward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    is_causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    tier: int,
+    block_m: int,
+    block_n: int,
+    pinned: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Canonical forward: q ``(B, H, G, L, E)``, k ``(B, H, S, E)``, v ``(B, H, S, Ev)``, mask
+    ``(Bm, Hm, Gm, Lm, Sm)``. Returns ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` (empty for tier 3)."""
+    problem = _problem(q, k, v, mask, is_causal, scale)
+    out, lse = run_forward(problem, tier, block_m, block_n, _dropout(dropout_p, seed), tier != 3)
+    if lse is None:
+        lse = q.new_empty((0,), dtype=torch.float32)
+    return out, lse
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, pinned):
+    b, h, g, length, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_empty((b, h, g, length, v.shape[-1]))
+    lse = q.new_empty((b, h, g, length) if tier != 3 else (0,), dtype=acc if tier != 3 else torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("noflash::attention_backward", mutates_args=())
+def attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    block_m: int,
+    block_n: int,
+    mask_grad: bool,
+    pinned: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked)."""
+    problem = _problem(q, k, v, mask, is_causal, scale)
+    dropout = _dropout(dropout_p, seed)
+    bm, bn = block_m, block_n
+    while True:
+        try:
+            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad)
+            break
+        except torch.OutOfMemoryError:
+            if pinned or (bm <= MIN_BLOCK and bn <= MIN_BLOCK):
+                raise
+            free_cached_memory(q.device)
+            if bn > bm:
+                bn = max(MIN_BLOCK, bn // 2)
+            else:
+                bm = max(MIN_BLOCK, bm // 2)
+            _log.info("noflash backward ran out of memory; retrying with blocks (%d, %d)", bm, bn)
+    if dmask is None:
+        dmask = q.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+@attention_backward_op.register_fake
+def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned):
+    dmask = mask.new_empty(mask.shape) if (mask_grad and mask is not None) else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, pinned = inputs
+    out, lse = output
+    if tier == 3:
+        ctx.tier3 = True
+        return
+    ctx.tier3 = False
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.params = (is_causal, scale, dropout_p, seed, block_m, block_n, pinned)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+    if ctx.tier3:
+        raise RuntimeError(
+            "noflash tier 3 is inference-only and has no backward. Use tier=1, tier=2 or tier='auto' when inputs "
+            "require grad."
+        )
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "noflash attention does not support double backward (create_graph=True through attention). Use "
+            "torch's math SDPA for higher-order gradients: noflash_core.disable() or call the original function."
+        )
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    is_causal, scale, dropout_p, seed, block_m, block_n, pinned = ctx.params
+    mask_grad = mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = attention_backward_op(
+        grad_out.contiguous(), q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n,
+        mask_grad, pinned,
+    )
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,358 @@
+"""The per-model attention override that ComfyUI's ``wrap_attn`` calls, built on plain tensors.
+
+ComfyUI decorates every attention implementation (``attention_sub_quad``, ``attention_pytorch``, ...) with
+``wrap_attn``. When a call site passes ``transformer_options=`` holding ``"optimized_attention_override"``, the
+decorator returns ``override(func, *args, **kwargs)`` instead of ``func(*args, **kwargs)``, where ``func`` is
+ComfyUI's own (undecorated) implementation and ``kwargs`` already carries ``_inside_attn_wrapper=True``.
+
+:func:`make_attention_override` builds such an override. It never imports ComfyUI: the node glue in ``nodes/``
+stores the returned function in a ``ModelPatcher`` clone's ``transformer_options``. ``clone()`` deep-copies the
+options but keeps plain functions, so all state lives in the closure (config, chained override, recorder).
+
+Call forms (``b`` batch, ``h`` heads, ``d``/``dv`` head dims, ``n_q``/``n_k`` token counts):
+    - q ``(b, n_q, h*d)``, k ``(b, n_k, h*d)``, v ``(b, n_k, h*dv)``; or ``(b, h, n, d)`` when ``skip_reshape``.
+    - Output ``(b, n_q, h*dv)``, or ``(b, h, n_q, dv)`` when ``skip_output_reshape``; always in q's dtype.
+    - ``heads`` and ``mask`` positional (4th, 5th) or keyword, as in ComfyUI's signature
+      ``(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False)``.
+
+Masks mean what ComfyUI's ``attention_pytorch`` makes of them: a 2-D ``(Lq, Lk)`` mask becomes ``(1, 1, Lq, Lk)``,
+a 3-D ``(b, Lq|1, Lk)`` mask gets a heads axis ``(b, 1, Lq|1, Lk)``, 4-D stays; then SDPA broadcasting applies.
+Bool masks keep True positions; float masks are added to the scores (``-inf`` and ``-finfo.max`` both mask).
+
+``attn_precision=torch.float32`` (SD2.x, SVD, LTXV; ``--force-upcast-attention``) asks for fp32 scores and softmax.
+The tiles always keep scores, softmax statistics and accumulators in fp32 for fp16/bf16 inputs, so the request is
+met without upcasting the inputs; ``--dont-upcast-attention`` cannot make them less precise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "AttentionCall",
+    "OverrideConfig",
+    "make_attention_override",
+    "is_noflash_override",
+    "override_config",
+    "override_previous",
+    "override_recorder",
+    "rebuild_override",
+    "normalize_comfy_mask",
+]
+
+logger = logging.getLogger(__name__)
+
+Override = Callable[..., torch.Tensor]
+Recorder = Callable[["AttentionCall"], None]
+
+# ComfyUI's attention signature after (q, k, v): the order in which positional arguments bind.
+_PARAM_ORDER = ("heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+_TIERS = ("auto", 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class OverrideConfig:
+    """What the override does with a call.
+
+    Attributes:
+        enabled: False sends every call on (to a chained override, else to ComfyUI's ``func``).
+        min_tokens: calls whose longer side ``max(n_q, n_k)`` is below this go on to ``func`` as well.
+        budget_bytes: working-memory budget for the planner; None lets the planner pick
+            (``NOFLASH_BUDGET_MB``, else a fraction of free device memory).
+        tier: ``"auto"``, 1, 2 or 3.
+        block_m: query block size; None lets the planner pick.
+        block_n: key block size; None lets the planner pick.
+    """
+
+    enabled: bool = True
+    min_tokens: int = 1024
+    budget_bytes: Optional[int] = None
+    tier: Union[str, int] = "auto"
+    block_m: Optional[int] = None
+    block_n: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.tier not in _TIERS:
+            raise ValueError(f"tier must be one of 'auto', 1, 2, 3; got {self.tier!r}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive or None (planner default), got {self.budget_bytes}")
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None (planner default), got {value}")
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call seen by the override, for telemetry.
+
+    Attributes:
+        path: ``"noflash"`` (computed by the tiles), or ``"comfy"`` (sent on to ComfyUI's ``func`` or to the
+            override chained before ours).
+        tier: the tier that ran; 0 when torch's own SDPA or ComfyUI computed it.
+        block_m: query block size used (0 when unknown or not tiled).
+        block_n: key block size used (0 when unknown or not tiled).
+        batch, heads, q_len, kv_len, head_dim: the problem, in ``(b, h, n, d)`` terms.
+        dtype: q's dtype, e.g. ``"torch.float16"``.
+        device: q's device, e.g. ``"cuda:0"``.
+        reason: why the call took its path (``"below min_tokens"``, ``"disabled"``, ``"tiled"``, ...).
+    """
+
+    path: str
+    tier: int
+    block_m: int
+    block_n: int
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A ComfyUI attention call bound to names."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: Optional[int]
+    mask: Optional[torch.Tensor]
+    skip_reshape: bool
+    skip_output_reshape: bool
+
+
+def _bind_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> _Call:
+    """Bind ``override(func, *args, **kwargs)``'s arguments the way ComfyUI's signature does."""
+    if len(args) < 3:
+        raise TypeError(f"attention call needs q, k, v positionally; got {len(args)} positional arguments")
+    named = dict(zip(_PARAM_ORDER, args[3:]))
+    for name in _PARAM_ORDER:
+        if name in kwargs:
+            named[name] = kwargs[name]
+    heads = named.get("heads")
+    return _Call(
+        q=args[0],
+        k=args[1],
+        v=args[2],
+        heads=None if heads is None else int(heads),
+        mask=named.get("mask"),
+        skip_reshape=bool(named.get("skip_reshape", False)),
+        skip_output_reshape=bool(named.get("skip_output_reshape", False)),
+    )
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(b, n, h*d)`` → ``(b, h, n, d)`` (a view where strides allow)."""
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+
+def _to_bhnd(call: _Call) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """q, k, v as ``(b, h, n, d)``; None when the call's layout is not one ComfyUI defines."""
+    q, k, v = call.q, call.k, call.v
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None
+    if call.skip_reshape:
+        return (q, k, v) if q.dim() == k.dim() == v.dim() == 4 else None
+    heads = call.heads
+    if heads is None or heads <= 0 or not q.dim() == k.dim() == v.dim() == 3:
+        return None
+    if q.shape[-1] % heads or k.shape[-1] % heads or v.shape[-1] % heads:
+        return None
+    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+
+
+def normalize_comfy_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Give a ComfyUI attention mask the rank ``attention_pytorch`` gives it before SDPA.
+
+    Args:
+        mask: None, bool (True keeps) or float (added); ``(Lq, Lk)``, ``(b, Lq|1, Lk)`` or 4-D
+            ``(b|1, h|1, Lq|1, Lk)``.
+        dtype: the query dtype; float masks of another dtype are cast to it.
+
+    Returns:
+        None, or a mask that broadcasts against scores ``(b, h, Lq, Lk)``: 2-D → ``(1, 1, Lq, Lk)``,
+        3-D → ``(b, 1, Lq|1, Lk)``, 4-D unchanged.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if mask.dtype != torch.bool and mask.dtype != dtype:
+        mask = mask.to(dtype)
+    return mask
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """``(b, h, n, dv)`` → ``(b, n, h*dv)``."""
+    return out.transpose(1, 2).flatten(2)
+
+
+def _default_attention() -> Callable[..., torch.Tensor]:
+    from .sdpa import scaled_dot_product_attention
+
+    return scaled_dot_product_attention
+
+
+def _describe(q: torch.Tensor, k: torch.Tensor, path: str, tier: int, blocks: Tuple[int, int], reason: str):
+    b, h, n_q, d = q.shape
+    return AttentionCall(
+        path=path,
+        tier=tier,
+        block_m=blocks[0],
+        block_n=blocks[1],
+        batch=b,
+        heads=h,
+        q_len=n_q,
+        kv_len=k.shape[-2],
+        head_dim=d,
+        dtype=str(q.dtype),
+        device=str(q.device),
+        reason=reason,
+    )
+
+
+class _TierCapture:
+    """Collects the tier and blocks the tiled SDPA reports through ``noflash_core.telemetry`` during one call."""
+
+    def __init__(self) -> None:
+        self.tier = 0
+        self.blocks = (0, 0)
+        self.seen = False
+
+    def __call__(self, record: Any) -> None:
+        self.tier = int(getattr(record, "tier", 0))
+        self.blocks = (int(getattr(record, "block_m", 0) or 0), int(getattr(record, "block_n", 0) or 0))
+        self.seen = True
+
+
+def _run_tiled(
+    attention: Callable[..., torch.Tensor], q, k, v, mask, config: OverrideConfig
+) -> Tuple[torch.Tensor, int, Tuple[int, int]]:
+    """Run the tiled SDPA on ``(b, h, n, d)`` tensors; returns the output and the tier/blocks that ran."""
+    from . import telemetry
+
+    capture = _TierCapture()
+    unsubscribe = telemetry.subscribe(capture)
+    try:
+        out = attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            tier=config.tier,
+            block_m=config.block_m,
+            block_n=config.block_n,
+            budget_bytes=config.budget_bytes,
+        )
+    finally:
+        unsubscribe()
+    if not capture.seen and config.tier != "auto":
+        capture.tier = int(config.tier)
+        capture.blocks = (config.block_m or 0, config.block_n or 0)
+    return out, capture.tier, capture.blocks
+
+
+def make_attention_override(
+    config: Optional[OverrideConfig] = None,
+    *,
+    previous: Optional[Override] = None,
+    recorder: Optional[Recorder] = None,
+    attention: Optional[Callable[..., torch.Tensor]] = None,
+) -> Override:
+    """Build an ``optimized_attention_override`` for ComfyUI.
+
+    Args:
+        config: what to do with calls (see :class:`OverrideConfig`); defaults to ``OverrideConfig()``.
+        previous: an override another pack installed before; calls we do not compute go to
+            ``previous(func, *args, **kwargs)`` instead of ``func(*args, **kwargs)``.
+        recorder: called with an :class:`AttentionCall` after every call (telemetry).
+        attention: the tiled SDPA to use; defaults to :func:`noflash_core.scaled_dot_product_attention`.
+
+    Returns:
+        ``override(func, *args, **kwargs) -> Tensor``. It carries ``noflash_config``, ``noflash_previous`` and
+        ``noflash_recorder`` attributes so a later node can rebuild it (:func:`rebuild_override`).
+    """
+    config = OverrideConfig() if config is None else config
+    attention = _default_attention() if attention is None else attention
+
+    def send_on(func: Callable[..., torch.Tensor], args, kwargs) -> torch.Tensor:
+        # kwargs still holds _inside_attn_wrapper=True from ComfyUI's wrapper: pass it on unchanged.
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def record(call: AttentionCall) -> None:
+        if recorder is not None:
+            recorder(call)
+
+    def noflash_attention_override(func: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        call = _bind_call(args, kwargs)
+        qkv = _to_bhnd(call)
+        if qkv is None:
+            return send_on(func, args, kwargs)
+        q, k, v = qkv
+        reason = ""
+        if not config.enabled:
+            reason = "disabled"
+        elif max(q.shape[-2], k.shape[-2]) < config.min_tokens:
+            reason = "below min_tokens"
+        if reason:
+            out = send_on(func, args, kwargs)
+            record(_describe(q, k, "comfy", 0, (0, 0), reason))
+            return out
+        mask = normalize_comfy_mask(call.mask, q.dtype)
+        out, tier, blocks = _run_tiled(attention, q, k, v, mask, config)
+        out = out.to(q.dtype)
+        if not call.skip_output_reshape:
+            out = _merge_heads(out)
+        record(_describe(q, k, "noflash", tier, blocks, "tiled"))
+        return out
+
+    noflash_attention_override.noflash_config = config
+    noflash_attention_override.noflash_previous = previous
+    noflash_attention_override.noflash_recorder = recorder
+    noflash_attention_override.noflash_attention = attention
+    return noflash_attention_override
+
+
+def is_noflash_override(fn: Any) -> bool:
+    """Whether ``fn`` was built by :func:`make_attention_override`."""
+    return callable(fn) and isinstance(getattr(fn, "noflash_config", None), OverrideConfig)
+
+
+def override_config(fn: Override) -> OverrideConfig:
+    """The config of a noflash override."""
+    return fn.noflash_config
+
+
+def override_previous(fn: Override) -> Optional[Override]:
+    """The override a noflash override chains to (None when it calls ComfyUI's ``func`` directly)."""
+    return fn.noflash_previous
+
+
+def override_recorder(fn: Override) -> Optional[Recorder]:
+    """The telemetry recorder of a noflash override."""
+    return fn.noflash_recorder
+
+
+def rebuild_override(fn: Override, **changes: Any) -> Override:
+    """A new noflash override like ``fn`` with some config fields changed (same chain and recorder)."""
+    if not is_noflash_override(fn):
+        raise ValueError("rebuild_override needs an override made by make_attention_override")
+    config = dataclasses.replace(fn.noflash_config, **changes)
+    return make_attention_override(
+        config, previous=fn.noflash_previous, recorder=fn.noflash_recorder, attention=fn.noflash_attention
+    )

@@ -1,0 +1,71 @@
+"""The text the VRAM Probe node shows: device, memory, SDPA support, the run estimate and the last run.
+
+The node gathers the pieces (``device_report()``, ``estimate_run(...)``, the run history) and this module turns
+them into plain text. Nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+from .comfy_telemetry import format_bytes
+
+__all__ = ["dtype_key", "format_device", "format_last_run", "probe_text"]
+
+
+def dtype_key(dtype: Any) -> str:
+    """``torch.float16`` → ``"fp16"`` (also ``bf16``, ``fp32``); anything else → ``"fp16"``."""
+    name = str(dtype)
+    if "bfloat16" in name:
+        return "bf16"
+    if "float32" in name:
+        return "fp32"
+    return "fp16"
+
+
+def format_device(report: Mapping[str, Any]) -> List[str]:
+    """Lines about the device from a ``device_report()`` dict."""
+    arch = report.get("arch") or "n/a"
+    lines = [
+        f"Device: {report.get('name', '?')} ({report.get('vendor', '?')}, arch {arch})",
+        f"VRAM: {format_bytes(report.get('free_bytes'))} free of {format_bytes(report.get('total_bytes'))}",
+    ]
+    backends = report.get("sdpa_backends") or {}
+    working = ", ".join(name for name, ok in backends.items() if ok) or "none"
+    efficient = "yes" if report.get("efficient_sdpa") else "no (math SDPA builds the full N x N scores)"
+    lines.append(f"Efficient SDPA kernel: {efficient}; backends that run: {working}")
+    lines.append(f"Global SDPA patch would activate: {'yes' if report.get('patch_would_activate') else 'no'}")
+    return lines
+
+
+def format_last_run(run: Optional[Mapping[str, Any]]) -> List[str]:
+    """Lines about the last finished sampling run of a patched model (from the run history)."""
+    if not run:
+        return ["Last run: none yet (run a workflow with a NoFlash-patched model)"]
+    tiers: Dict[str, int] = dict(run.get("tiers") or {})
+    mix = ", ".join(f"{'comfy/torch' if t == '0' else 'T' + t}: {n}" for t, n in sorted(tiers.items())) or "no calls"
+    peak = run.get("peak_bytes")
+    peak_text = format_bytes(peak) if peak is not None else run.get("peak_source", "n/a")
+    return [
+        f"Last run #{run.get('run_id', '?')} ({run.get('label') or 'model'}): {run.get('calls', 0)} attention calls "
+        f"[{mix}], longest sequence {run.get('max_q_len', 0)} tokens",
+        f"Last run peak memory: {peak_text}",
+    ]
+
+
+def probe_text(
+    report: Mapping[str, Any],
+    estimate: Optional[str] = None,
+    last_run: Optional[Mapping[str, Any]] = None,
+    note: str = "",
+) -> str:
+    """The whole probe text: device lines, the estimate block (or ``note``), the last run."""
+    lines = format_device(report)
+    lines.append("")
+    if estimate:
+        lines.append(estimate.rstrip())
+    elif note:
+        lines.append(note)
+    lines.append("")
+    lines.extend(format_last_run(last_run))
+    return "\n".join(lines)
