@@ -147,7 +147,7 @@ def _expand_heads(t: torch.Tensor, batch: Tuple[int, ...], heads: int, target_he
     """``(*b, h, N, E)`` -> ``(B, target_heads, N, E)``; GQA head ``i`` reads head ``i // (target/h)``."""
     t = t if t.dim() >= 3 else t.unsqueeze(0)
     t = t.expand(*batch, heads, *t.shape[-2:])
-    t = t.reshape(-1, heads, *t.shape[-2:])
+    t = t.reshape(math.prod(batch), heads, *t.shape[-2:])
     if heads != target_heads:
         rep = target_heads // heads
         t = t.unsqueeze(2).expand(-1, heads, rep, *t.shape[-2:]).reshape(t.shape[0], target_heads, *t.shape[-2:])
@@ -174,7 +174,7 @@ def _normalize_mask(
     if all(d == 1 for d in mb):
         m = m.reshape(1, mh, lm, sm)
     else:
-        m = m.expand(*batch, mh, lm, sm).reshape(-1, mh, lm, sm)
+        m = m.expand(*batch, mh, lm, sm).reshape(math.prod(batch), mh, lm, sm)
     if mh == 1:
         return m.unsqueeze(2)
     return m.reshape(m.shape[0], h, g, lm, sm)
@@ -222,7 +222,7 @@ def build_problem(
         else:
             h, g = hout, 1
     q = query if query.dim() >= 3 else query.unsqueeze(0)
-    q = q.expand(*batch, hq, length, e).reshape(-1, hq, length, e)
+    q = q.expand(*batch, hq, length, e).reshape(math.prod(batch), hq, length, e)
     if hq != hout:
         q = q.expand(q.shape[0], hout, length, e)
     q = q.reshape(q.shape[0], h, g, length, e)

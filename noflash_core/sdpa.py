@@ -212,6 +212,8 @@ def scaled_dot_product_attention(
         block_m=block_m, block_n=block_n,
     )
     if first.tier == 0:
+        if attn_mask is not None and attn_mask.dim() < 2:
+            attn_mask = attn_mask.unsqueeze(0)  # torch's fused CPU kernel rejects 1-D masks that math accepts
         out = original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         used = first
     else:

@@ -1,0 +1,254 @@
+"""Forward conformance of every tier against torch's math SDPA and a float64 reference.
+
+Small blocks (block_m=16, block_n=32) force many tiles, partial last tiles and tile skipping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from noflash_core import scaled_dot_product_attention as sdpa
+from tests.support.reference import assert_close_to_reference, math_sdpa
+
+TIERS = [1, 2, 3, "auto"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+BLOCKS = dict(block_m=16, block_n=32)
+
+
+def _run(tier, *args, **kwargs):
+    if tier == "auto":
+        return sdpa(*args, tier="auto", **kwargs)
+    return sdpa(*args, tier=tier, **BLOCKS, **kwargs)
+
+
+def _qkv(shape_q, shape_k, ev=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(shape_k, generator=g, dtype=torch.float64).to(dtype)
+    shape_v = tuple(shape_k[:-1]) + ((ev if ev is not None else shape_k[-1]),)
+    v = torch.randn(shape_v, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_basic_shapes(tier, dtype):
+    q, k, v = _qkv((2, 3, 70, 24), (2, 3, 90, 24), ev=40, dtype=dtype)
+    assert_close_to_reference(_run(tier, q, k, v), q, k, v)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize(
+    "shape_q,shape_k",
+    [
+        ((50, 16), (70, 16)),  # 2-D
+        ((3, 50, 16), (3, 70, 16)),  # 3-D
+        ((2, 2, 3, 50, 16), (2, 2, 3, 70, 16)),  # 5-D: two batch dims
+        ((2, 2, 2, 3, 50, 16), (2, 2, 2, 3, 70, 16)),  # 6-D
+        ((2, 3, 50, 16), (3, 70, 16)),  # rank mismatch: key broadcasts over batch
+        ((2, 3, 50, 16), (1, 3, 70, 16)),  # size-1 batch broadcast
+        ((2, 4, 50, 16), (2, 1, 70, 16)),  # one key head broadcast over query heads
+        ((1, 1, 1, 16), (1, 1, 70, 16)),  # decode, L=1
+        ((1, 2, 70, 16), (1, 2, 1, 16)),  # S=1
+    ],
+)
+def test_batch_dims_and_broadcast(tier, shape_q, shape_k):
+    q, k, v = _qkv(shape_q, shape_k, dtype=torch.float64)
+    assert_close_to_reference(_run(tier, q, k, v), q, k, v)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lq,lk", [(70, 70), (40, 90), (90, 40), (1, 33), (33, 1)])
+def test_causal_top_left(tier, dtype, lq, lk):
+    q, k, v = _qkv((2, 2, lq, 16), (2, 2, lk, 16), dtype=dtype)
+    assert_close_to_reference(_run(tier, q, k, v, is_causal=True), q, k, v, is_causal=True)
+
+
+MASK_SHAPES = [
+    (90,),
+    (1, 90),
+    (70, 90),
+    (2, 1, 1, 90),
+    (2, 1, 70, 90),
+    (2, 3, 70, 90),
+    (2, 3, 1, 90),
+    (3, 70, 90),
+    (1, 1, 1, 1),
+    (2, 1, 70, 1),
+]
+
+
+def _mask(shape, kind, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        m = torch.rand(shape, generator=g) > 0.3
+        return m
+    m = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    m = m.masked_fill(torch.rand(shape, generator=g) < 0.2, float("-inf"))
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
+def test_mask_broadcast_shapes(tier, kind, shape):
+    q, k, v = _qkv((2, 3, 70, 16), (2, 3, 90, 16), dtype=torch.float32)
+    m = _mask(shape, kind, torch.float32)
+    assert_close_to_reference(_run(tier, q, k, v, m), q, k, v, m)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_rows_give_zero(tier, dtype, kind):
+    q, k, v = _qkv((2, 2, 40, 16), (2, 2, 70, 16), dtype=dtype)
+    keep = torch.rand(2, 1, 40, 70, generator=torch.Generator().manual_seed(3)) > 0.5
+    keep[:, :, ::3] = False  # every third query row sees nothing
+    keep[1] = False  # a whole batch item sees nothing
+    m = keep if kind == "bool" else torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    out = _run(tier, q, k, v, m)
+    assert torch.isfinite(out).all()
+    assert (out[:, :, ::3] == 0).all() and (out[1] == 0).all()
+    assert_close_to_reference(out, q, k, v, m)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_mask_with_large_negative_values(tier):
+    # LTXV-style masks use -finfo.max instead of -inf; masked values of V must not leak.
+    q, k, v = _qkv((1, 2, 40, 16), (1, 2, 64, 16), dtype=torch.float32)
+    m = torch.zeros(1, 1, 1, 64)
+    m[..., 32:] = -torch.finfo(torch.float32).max
+    v = v.clone()
+    v[..., 32:, :] = 1e4
+    assert_close_to_reference(_run(tier, q, k, v, m), q, k, v, m)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("hq,hk,hv", [(6, 2, 2), (6, 3, 3), (4, 1, 1), (4, 4, 4), (8, 4, 2)])
+def test_gqa(tier, hq, hk, hv):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, hq, 50, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hk, 70, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, hv, 70, 12, generator=g, dtype=torch.float64)
+    m = torch.rand(2, hq, 50, 70, generator=g) > 0.3
+    for kw in (dict(), dict(is_causal=True), dict(attn_mask=m)):
+        assert_close_to_reference(_run(tier, q, k, v, enable_gqa=True, **kw), q, k, v, enable_gqa=True, **kw)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("scale", [0.0, 0.05, 1.0, -0.3])
+def test_explicit_scale(tier, scale):
+    q, k, v = _qkv((1, 2, 40, 16), (1, 2, 50, 16), dtype=torch.float64)
+    assert_close_to_reference(_run(tier, q, k, v, scale=scale), q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_large_scores_in_half_precision(tier):
+    # Scores far beyond fp16's range: math keeps fp32 scores, and so must we (no inf/NaN from a cast).
+    q, k, v = _qkv((1, 2, 40, 64), (1, 2, 50, 64), dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        qq, kk, vv = (q * 30).to(dtype), (k * 30).to(dtype), v.to(dtype)
+        out = _run(tier, qq, kk, vv)
+        assert torch.isfinite(out).all()
+        assert_close_to_reference(out, qq, kk, vv)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_inputs_not_modified(tier):
+    q, k, v = _qkv((2, 2, 40, 16), (2, 2, 50, 16))
+    m = torch.randn(2, 1, 40, 50)
+    before = [t.clone() for t in (q, k, v, m)]
+    _run(tier, q, k, v, m)
+    for a, b in zip(before, (q, k, v, m)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_non_contiguous_inputs(tier):
+    q, k, v = _qkv((2, 40, 3, 16), (2, 50, 3, 16))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, E) views of (B, N, H, E)
+    assert not q.is_contiguous()
+    assert_close_to_reference(_run(tier, q, k, v), q, k, v)
+
+
+def test_autocast_matches_torch():
+    q, k, v = _qkv((1, 2, 64, 32), (1, 2, 64, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sdpa(q, k, v, tier=2, block_m=16, block_n=32)
+        theirs = math_sdpa(q, k, v)
+        ours64 = sdpa(q.double(), k.double(), v.double(), tier=2)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert ours64.dtype == torch.float64
+    assert_close_to_reference(ours, q.bfloat16(), k.bfloat16(), v.bfloat16())
+
+
+def test_dropout_zero_equals_no_dropout():
+    q, k, v = _qkv((1, 2, 40, 16), (1, 2, 50, 16), dtype=torch.float64)
+    for tier in (1, 2, 3):
+        assert torch.equal(_run(tier, q, k, v, dropout_p=0.0), _run(tier, q, k, v))
+
+
+@pytest.mark.parametrize("tier", [1, 2, 3])
+def test_dropout_one_gives_zero(tier):
+    q, k, v = _qkv((1, 2, 40, 16), (1, 2, 50, 16))
+    assert torch.equal(_run(tier, q, k, v, dropout_p=1.0), torch.zeros(1, 2, 40, 16))
+    assert torch.equal(math_sdpa(q, k, v, dropout_p=1.0), torch.zeros(1, 2, 40, 16))
+
+
+@pytest.mark.parametrize("tier", [1, 2, 3])
+def test_dropout_same_seed_same_output_and_tiling_independent(tier):
+    q, k, v = _qkv((1, 2, 40, 16), (1, 2, 50, 16), dtype=torch.float64)
+    torch.manual_seed(7)
+    a = _run(tier, q, k, v, dropout_p=0.3)
+    torch.manual_seed(7)
+    b = sdpa(q, k, v, dropout_p=0.3, tier=tier, block_m=8, block_n=16)
+    torch.manual_seed(8)
+    c = _run(tier, q, k, v, dropout_p=0.3)
+    assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert not torch.allclose(a, c)
+    for other in (1, 2, 3):  # every tier draws the same mask from the same seed
+        torch.manual_seed(7)
+        assert torch.allclose(sdpa(q, k, v, dropout_p=0.3, tier=other, block_m=16, block_n=32), a, atol=1e-12, rtol=0)
+
+
+def test_dropout_distribution():
+    # With V = identity the output rows are the dropped attention weights themselves.
+    s = 64
+    q = torch.randn(1, 4, 48, s, dtype=torch.float64)
+    k = torch.randn(1, 4, s, s, dtype=torch.float64)
+    v = torch.eye(s, dtype=torch.float64).expand(1, 4, s, s)
+    p = 0.25
+    probs = math_sdpa(q, k, v)
+    torch.manual_seed(0)
+    total = torch.zeros_like(probs)
+    runs = 200
+    zero_frac = []
+    for _ in range(runs):
+        out = sdpa(q, k, v, dropout_p=p, tier=2, block_m=16, block_n=32)
+        kept = out != 0
+        zero_frac.append(1.0 - kept.double().mean().item())
+        # Kept weights are rescaled by exactly 1/(1-p).
+        assert torch.allclose(out[kept], probs[kept] / (1 - p), rtol=1e-12, atol=0)
+        total += out
+    n = probs.numel()
+    frac = sum(zero_frac) / runs
+    assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / (n * runs))
+    mean = total / runs
+    # E[out] = no-dropout output; the std error of the mean of one weight is w*sqrt(p/(1-p)/runs).
+    stderr = probs * math.sqrt(p / (1 - p) / runs)
+    assert ((mean - probs).abs() <= 5 * stderr + 1e-12).double().mean() > 0.999
+
+
+def test_dropout_negative_is_no_dropout():
+    q, k, v = _qkv((1, 2, 40, 16), (1, 2, 50, 16), dtype=torch.float64)
+    assert_close_to_reference(sdpa(q, k, v, dropout_p=-0.1, tier=2), q, k, v)
+
+
+def test_empty_sequences():
+    q, k, v = _qkv((1, 2, 0, 16), (1, 2, 5, 16))
+    for tier in (1, 2, 3):
+        assert sdpa(q, k, v, tier=tier).shape == (1, 2, 0, 16)
