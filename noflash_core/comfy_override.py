@@ -102,7 +102,7 @@ class AttentionCall:
         batch, heads, q_len, kv_len, head_dim: the problem, in ``(b, h, n, d)`` terms.
         dtype: q's dtype, e.g. ``"torch.float16"``.
         device: q's device, e.g. ``"cuda:0"``.
-        reason: why the call took its path (``"below min_tokens"``, ``"disabled"``, ``"tiled"``, ...).
+        reason: why the call took its path: ``"below min_tokens"``, ``"disabled"``, or the planner's reason.
     """
 
     path: str
@@ -230,18 +230,20 @@ class _TierCapture:
     def __init__(self) -> None:
         self.tier = 0
         self.blocks = (0, 0)
+        self.reason = ""
         self.seen = False
 
     def __call__(self, record: Any) -> None:
         self.tier = int(getattr(record, "tier", 0))
         self.blocks = (int(getattr(record, "block_m", 0) or 0), int(getattr(record, "block_n", 0) or 0))
+        self.reason = str(getattr(record, "reason", "") or "")
         self.seen = True
 
 
 def _run_tiled(
     attention: Callable[..., torch.Tensor], q, k, v, mask, config: OverrideConfig
-) -> Tuple[torch.Tensor, int, Tuple[int, int]]:
-    """Run the tiled SDPA on ``(b, h, n, d)`` tensors; returns the output and the tier/blocks that ran."""
+) -> Tuple[torch.Tensor, _TierCapture]:
+    """Run the tiled SDPA on ``(b, h, n, d)`` tensors; returns the output and what the planner reported."""
     from . import telemetry
 
     capture = _TierCapture()
@@ -262,7 +264,7 @@ def _run_tiled(
     if not capture.seen and config.tier != "auto":
         capture.tier = int(config.tier)
         capture.blocks = (config.block_m or 0, config.block_n or 0)
-    return out, capture.tier, capture.blocks
+    return out, capture
 
 
 def make_attention_override(
@@ -314,11 +316,11 @@ def make_attention_override(
             record(_describe(q, k, "comfy", 0, (0, 0), reason))
             return out
         mask = normalize_comfy_mask(call.mask, q.dtype)
-        out, tier, blocks = _run_tiled(attention, q, k, v, mask, config)
+        out, ran = _run_tiled(attention, q, k, v, mask, config)
         out = out.to(q.dtype)
         if not call.skip_output_reshape:
             out = _merge_heads(out)
-        record(_describe(q, k, "noflash", tier, blocks, "tiled"))
+        record(_describe(q, k, "noflash", ran.tier, ran.blocks, ran.reason or "noflash"))
         return out
 
     noflash_attention_override.noflash_config = config

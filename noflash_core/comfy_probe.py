@@ -43,7 +43,7 @@ def format_last_run(run: Optional[Mapping[str, Any]]) -> List[str]:
     if not run:
         return ["Last run: none yet (run a workflow with a NoFlash-patched model)"]
     tiers: Dict[str, int] = dict(run.get("tiers") or {})
-    mix = ", ".join(f"{'comfy/torch' if t == '0' else 'T' + t}: {n}" for t, n in sorted(tiers.items())) or "no calls"
+    mix = ", ".join(f"{t if t == 'comfy' else 'T' + t}: {n}" for t, n in sorted(tiers.items())) or "no calls"
     peak = run.get("peak_bytes")
     peak_text = format_bytes(peak) if peak is not None else run.get("peak_source", "n/a")
     return [

@@ -176,7 +176,7 @@ class RunMonitor:
             self.start(torch.device(call.device))
         with self._lock:
             self.calls += 1
-            key = str(call.tier)
+            key = "comfy" if call.path == "comfy" else str(call.tier)
             self.tiers[key] = self.tiers.get(key, 0) + 1
             if call.path == "noflash":
                 self.last_tier = call.tier

@@ -1,0 +1,1 @@
+"""Empty stand-in for ``torchvision.transforms`` (see the parent package's docstring)."""

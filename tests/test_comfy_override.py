@@ -1,0 +1,397 @@
+"""The ComfyUI attention override on plain tensors, against a reference of ComfyUI's ``attention_pytorch``.
+
+No ComfyUI needed: ``_comfy_attention_pytorch`` below re-states what ComfyUI's ``attention_pytorch`` does with a
+call (layouts, heads, mask ranks, output layout), computed with torch's own SDPA. The override must give the same
+result on every call form ComfyUI's models use.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noflash_core.comfy_override import (
+    AttentionCall,
+    OverrideConfig,
+    is_noflash_override,
+    make_attention_override,
+    normalize_comfy_mask,
+    override_config,
+    override_previous,
+    override_recorder,
+    rebuild_override,
+)
+from noflash_core.memory_tracker import LiveBytesTracker
+
+TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def _comfy_attention_pytorch(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False):
+    """Reference: ComfyUI's ``attention_pytorch`` semantics, computed with torch's SDPA."""
+    if skip_reshape:
+        b = q.shape[0]
+    else:
+        b = q.shape[0]
+        q, k, v = (t.reshape(b, t.shape[1], heads, t.shape[2] // heads).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        if mask.dim() == 2:
+            mask = mask.unsqueeze(0)
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+    out = TORCH_SDPA(q, k, v, attn_mask=mask)
+    if not skip_output_reshape:
+        out = out.transpose(1, 2).reshape(b, out.shape[2], -1)
+    return out
+
+
+def _func_must_not_run(*args, **kwargs):
+    raise AssertionError("the override sent a call to ComfyUI's func that it should have computed")
+
+
+def _qkv(b=2, h=3, n_q=40, n_k=40, d=16, dtype=torch.float32, layout="bnd", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"bnd": [(b, n_q, h * d), (b, n_k, h * d)], "bhnd": [(b, h, n_q, d), (b, h, n_k, d)]}[layout]
+    q = torch.randn(*shapes[0], generator=g).to(dtype)
+    k = torch.randn(*shapes[1], generator=g).to(dtype)
+    v = torch.randn(*shapes[1], generator=g).to(dtype)
+    return q, k, v
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def _override(**config):
+    config.setdefault("min_tokens", 0)
+    return make_attention_override(OverrideConfig(**config))
+
+
+# ---- layouts and argument forms -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skip_reshape", [False, True])
+@pytest.mark.parametrize("skip_output_reshape", [False, True])
+@pytest.mark.parametrize("n_k", [40, 23])
+def test_layouts_match_attention_pytorch(skip_reshape, skip_output_reshape, n_k):
+    q, k, v = _qkv(n_k=n_k, layout="bhnd" if skip_reshape else "bnd")
+    kwargs = dict(skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
+    out = _override()(_func_must_not_run, q, k, v, heads=3, _inside_attn_wrapper=True, **kwargs)
+    ref = _comfy_attention_pytorch(q, k, v, 3, **kwargs)
+    assert out.shape == ref.shape
+    expected_shape = (2, 3, 40, 16) if skip_output_reshape else (2, 40, 48)
+    assert tuple(out.shape) == expected_shape
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_heads_positional_and_keyword_agree():
+    q, k, v = _qkv()
+    ov = _override()
+    by_position = ov(_func_must_not_run, q, k, v, 3, _inside_attn_wrapper=True)
+    by_keyword = ov(_func_must_not_run, q, k, v, heads=3, _inside_attn_wrapper=True)
+    torch.testing.assert_close(by_position, by_keyword, atol=0, rtol=0)
+    torch.testing.assert_close(by_position, _comfy_attention_pytorch(q, k, v, 3), atol=2e-5, rtol=2e-5)
+
+
+def test_mask_positional_and_keyword_agree():
+    q, k, v = _qkv()
+    mask = torch.randn(2, 40, 40)
+    ov = _override()
+    by_position = ov(_func_must_not_run, q, k, v, 3, mask, _inside_attn_wrapper=True)
+    by_keyword = ov(_func_must_not_run, q, k, v, 3, mask=mask, _inside_attn_wrapper=True)
+    torch.testing.assert_close(by_position, by_keyword, atol=0, rtol=0)
+    torch.testing.assert_close(by_position, _comfy_attention_pytorch(q, k, v, 3, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_all_positional_comfy_signature():
+    # (q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape)
+    q, k, v = _qkv(layout="bhnd")
+    out = _override()(_func_must_not_run, q, k, v, 3, None, torch.float32, True, True, _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q, k, v, 3, skip_reshape=True, skip_output_reshape=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_value_head_dim_may_differ():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 30, 2 * 8, generator=g), torch.randn(1, 20, 2 * 8, generator=g)
+    v = torch.randn(1, 20, 2 * 12, generator=g)
+    out = _override()(_func_must_not_run, q, k, v, heads=2, _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q, k, v, 2)
+    assert out.shape == (1, 30, 24)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = _qkv(layout="bhnd")
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # (b, h, n, d) strided views
+    assert not q.is_contiguous()
+    out = _override()(_func_must_not_run, q, k, v, heads=3, skip_reshape=True, _inside_attn_wrapper=True)
+    torch.testing.assert_close(out, _comfy_attention_pytorch(q, k, v, 3, skip_reshape=True), atol=2e-5, rtol=2e-5)
+
+
+# ---- masks of every form the model families send -------------------------------------------------------
+
+
+def _mask_cases(b=2, n_q=40, n_k=40):
+    g = torch.Generator().manual_seed(7)
+    keep_q = torch.rand(b, n_q, n_k, generator=g) > 0.3
+    keep_q[..., 0] = True
+    pad = torch.ones(b, 1, n_k, dtype=torch.bool)
+    pad[1, 0, n_k - 9 :] = False
+    ltxv = torch.zeros(b, 1, 1, n_k)
+    ltxv[0, ..., n_k - 5 :] = -torch.finfo(torch.float32).max
+    hunyuan = torch.zeros(1, 1, n_k)
+    hunyuan[..., n_k - 7 :] = float("-inf")
+    return {
+        "flux_regional_float_(b,L,L)": torch.randn(b, n_q, n_k, generator=g),
+        "flux_regional_bool_(b,L,L)": keep_q,
+        "ltxv_cross_(b,1,1,Lk)_-finfo.max": ltxv,
+        "hunyuan_(1,1,L)_-inf": hunyuan,
+        "lumina2_padding_bool_(b,1,L)": pad,
+        "lumina2_padding_float_(b,1,L)": torch.where(pad, 0.0, float("-inf")),
+        "2d_(Lq,Lk)_float": torch.randn(n_q, n_k, generator=g),
+        "2d_(Lq,Lk)_bool": keep_q[0],
+        "4d_(b,h,Lq,Lk)_float": torch.randn(b, 3, n_q, n_k, generator=g),
+        "4d_(1,1,1,Lk)_bool": pad[1:].unsqueeze(0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mask_cases()))
+@pytest.mark.parametrize("skip_reshape", [False, True])
+def test_masks_match_attention_pytorch(name, skip_reshape):
+    mask = _mask_cases()[name]
+    q, k, v = _qkv(layout="bhnd" if skip_reshape else "bnd")
+    out = _override()(_func_must_not_run, q, k, v, 3, mask=mask, skip_reshape=skip_reshape,
+                      _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q, k, v, 3, mask, skip_reshape=skip_reshape)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("tier", [1, 2, 3])
+@pytest.mark.parametrize("name", ["flux_regional_bool_(b,L,L)", "ltxv_cross_(b,1,1,Lk)_-finfo.max",
+                                  "hunyuan_(1,1,L)_-inf", "lumina2_padding_bool_(b,1,L)"])
+def test_masks_with_forced_small_tiles(name, tier):
+    mask = _mask_cases(n_q=70, n_k=90)[name]
+    q, k, v = _qkv(n_q=70, n_k=90)
+    ov = _override(tier=tier, block_m=16, block_n=32)
+    out = ov(_func_must_not_run, q, k, v, 3, mask=mask, _inside_attn_wrapper=True)
+    torch.testing.assert_close(out, _comfy_attention_pytorch(q, k, v, 3, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_fully_masked_rows_give_zero_like_torch():
+    q, k, v = _qkv()
+    keep = torch.ones(2, 40, 40, dtype=torch.bool)
+    keep[0, 5] = False
+    out = _override(tier=2, block_m=16, block_n=16)(_func_must_not_run, q, k, v, 3, keep, _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q, k, v, 3, keep)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert torch.isfinite(out).all()
+    assert out[0, 5].abs().max() == 0
+
+
+def test_normalize_comfy_mask_ranks():
+    assert normalize_comfy_mask(None, torch.float32) is None
+    assert normalize_comfy_mask(torch.zeros(5, 7), torch.float32).shape == (1, 1, 5, 7)
+    assert normalize_comfy_mask(torch.zeros(2, 5, 7), torch.float32).shape == (2, 1, 5, 7)
+    assert normalize_comfy_mask(torch.zeros(2, 1, 7), torch.float32).shape == (2, 1, 1, 7)
+    assert normalize_comfy_mask(torch.zeros(2, 3, 5, 7), torch.float32).shape == (2, 3, 5, 7)
+    assert normalize_comfy_mask(torch.zeros(2, 7, dtype=torch.bool), torch.float16).dtype == torch.bool
+    assert normalize_comfy_mask(torch.zeros(5, 7), torch.float16).dtype == torch.float16
+
+
+# ---- dtypes and attn_precision ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_keep_query_dtype(dtype):
+    q, k, v = _qkv(dtype=dtype)
+    mask = torch.randn(2, 40, 40).to(dtype)
+    out = _override(tier=2, block_m=16, block_n=16)(_func_must_not_run, q, k, v, 3, mask, _inside_attn_wrapper=True)
+    assert out.dtype == dtype
+    ref = _comfy_attention_pytorch(*(t.double() for t in (q, k, v)), 3, mask.double()).to(dtype)
+    torch.testing.assert_close(out, ref, atol=_tol(dtype), rtol=_tol(dtype))
+
+
+def test_attn_precision_fp32_scores_do_not_overflow_in_fp16():
+    # SD2.x-style: fp16 q.k products far above 65504 overflow fp16 scores; attn_precision=fp32 asks for fp32 ones.
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(1, 64, 2 * 64, generator=g) * 160).half()
+    k = (torch.randn(1, 64, 2 * 64, generator=g) * 160).half()
+    v = torch.randn(1, 64, 2 * 64, generator=g).half()
+    qh, kh = (t.float().view(1, 64, 2, 64).transpose(1, 2) for t in (q, k))
+    assert (qh @ kh.mT / 8).abs().max() > 65504  # scaled scores beyond fp16's range
+    out = _override(tier=1, block_m=16)(_func_must_not_run, q, k, v, 2, attn_precision=torch.float32,
+                                        _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q.double(), k.double(), v.double(), 2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_float_mask_of_other_dtype_is_cast():
+    q, k, v = _qkv(dtype=torch.float16)
+    mask = torch.randn(2, 40, 40)  # fp32 mask with fp16 q
+    out = _override()(_func_must_not_run, q, k, v, 3, mask, _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q.double(), k.double(), v.double(), 3, mask.half().double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+# ---- routing: func, min_tokens, enabled, chaining ----------------------------------------------------------
+
+
+class _Spy:
+    def __init__(self, name="func"):
+        self.calls = []
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")
+        return _comfy_attention_pytorch(q, k, v, heads, mask, kwargs.get("skip_reshape", False),
+                                        kwargs.get("skip_output_reshape", False))
+
+
+def test_below_min_tokens_goes_to_func_with_everything_passed_on():
+    q, k, v = _qkv(n_q=40, n_k=30)
+    func = _Spy()
+    options = {"some": "thing"}
+    ov = make_attention_override(OverrideConfig(min_tokens=41))
+    out = ov(func, q, k, v, 3, transformer_options=options, attn_precision=None, _inside_attn_wrapper=True)
+    assert len(func.calls) == 1
+    args, kwargs = func.calls[0]
+    assert args[0] is q and args[1] is k and args[2] is v and args[3] == 3
+    assert kwargs["_inside_attn_wrapper"] is True
+    assert kwargs["transformer_options"] is options
+    torch.testing.assert_close(out, _comfy_attention_pytorch(q, k, v, 3))
+
+
+def test_min_tokens_counts_the_longer_side():
+    q, k, v = _qkv(n_q=40, n_k=30)
+    func = _Spy()
+    out = make_attention_override(OverrideConfig(min_tokens=40))(func, q, k, v, heads=3, _inside_attn_wrapper=True)
+    assert func.calls == []
+    torch.testing.assert_close(out, _comfy_attention_pytorch(q, k, v, 3), atol=2e-5, rtol=2e-5)
+
+
+def test_disabled_sends_everything_on():
+    q, k, v = _qkv()
+    func = _Spy()
+    make_attention_override(OverrideConfig(enabled=False, min_tokens=0))(func, q, k, v, heads=3,
+                                                                         _inside_attn_wrapper=True)
+    assert len(func.calls) == 1
+
+
+def test_chains_a_previous_override_for_calls_it_does_not_compute():
+    seen = []
+
+    def previous(func, *args, **kwargs):
+        seen.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+    func = _Spy()
+    ov = make_attention_override(OverrideConfig(min_tokens=100), previous=previous)
+    small = _qkv(n_q=10, n_k=10)
+    ov(func, *small, heads=3, _inside_attn_wrapper=True)
+    assert len(seen) == 1 and seen[0][0] is func and seen[0][2]["_inside_attn_wrapper"] is True
+    assert len(func.calls) == 1
+    big = _qkv(n_q=120, n_k=120)
+    out = ov(func, *big, heads=3, _inside_attn_wrapper=True)
+    assert len(seen) == 1 and len(func.calls) == 1  # computed by noflash, neither previous nor func ran
+    torch.testing.assert_close(out, _comfy_attention_pytorch(*big, 3), atol=2e-5, rtol=2e-5)
+    assert override_previous(ov) is previous
+
+
+def test_unknown_layout_is_sent_on():
+    seen = []
+    sentinel = torch.zeros(1)
+
+    def func(*args, **kwargs):
+        seen.append(kwargs)
+        return sentinel
+
+    q, k, v = _qkv()
+    # heads missing without skip_reshape: not a call form ComfyUI defines, so ComfyUI decides what to do.
+    assert _override()(func, q, k, v, _inside_attn_wrapper=True) is sentinel
+    assert seen == [{"_inside_attn_wrapper": True}]
+
+
+# ---- telemetry, config, rebuild, deepcopy ------------------------------------------------------------------
+
+
+def test_recorder_gets_one_record_per_call():
+    records = []
+    ov = make_attention_override(OverrideConfig(min_tokens=50, tier=2, block_m=16, block_n=32),
+                                 recorder=records.append)
+    ov(_Spy(), *_qkv(n_q=10, n_k=10), heads=3, _inside_attn_wrapper=True)
+    ov(_func_must_not_run, *_qkv(n_q=64, n_k=96), heads=3, _inside_attn_wrapper=True)
+    assert [r.path for r in records] == ["comfy", "noflash"]
+    small, big = records
+    assert isinstance(small, AttentionCall)
+    assert (small.tier, small.reason) == (0, "below min_tokens")
+    assert (big.tier, big.block_m, big.block_n) == (2, 16, 32)
+    assert (big.batch, big.heads, big.q_len, big.kv_len, big.head_dim) == (2, 3, 64, 96, 16)
+    assert big.dtype == "torch.float32" and big.device == "cpu"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="tier"):
+        OverrideConfig(tier=4)
+    with pytest.raises(ValueError, match="min_tokens"):
+        OverrideConfig(min_tokens=-1)
+    with pytest.raises(ValueError, match="budget_bytes"):
+        OverrideConfig(budget_bytes=0)
+    with pytest.raises(ValueError, match="block_m"):
+        OverrideConfig(block_m=0)
+
+
+def test_rebuild_keeps_chain_and_recorder():
+    records = []
+
+    def previous(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    ov = make_attention_override(OverrideConfig(min_tokens=0, budget_bytes=1 << 20), previous=previous,
+                                 recorder=records.append)
+    pinned = rebuild_override(ov, tier=1, block_m=8)
+    assert is_noflash_override(pinned) and pinned is not ov
+    assert override_config(pinned) == OverrideConfig(min_tokens=0, budget_bytes=1 << 20, tier=1, block_m=8)
+    assert override_previous(pinned) is previous and override_recorder(pinned) == records.append
+    assert override_config(ov).tier == "auto"  # the original is unchanged
+    pinned(_func_must_not_run, *_qkv(), heads=3, _inside_attn_wrapper=True)
+    assert records[-1].tier == 1 and records[-1].block_m == 8
+    with pytest.raises(ValueError):
+        rebuild_override(previous, tier=1)
+    assert not is_noflash_override(previous)
+
+
+def test_deepcopy_of_model_options_keeps_the_closure():
+    # ModelPatcher.clone() deep-copies model_options: the override (and its state) must survive as the same object.
+    records = []
+    ov = make_attention_override(OverrideConfig(min_tokens=0), recorder=records.append)
+    options = {"transformer_options": {"optimized_attention_override": ov}}
+    cloned = copy.deepcopy(options)
+    assert cloned["transformer_options"]["optimized_attention_override"] is ov
+    cloned["transformer_options"]["optimized_attention_override"](_func_must_not_run, *_qkv(), heads=3,
+                                                                  _inside_attn_wrapper=True)
+    assert len(records) == 1
+
+
+# ---- memory at a long sequence ----------------------------------------------------------------------------
+
+
+def test_long_sequence_memory_far_below_n_squared():
+    b, h, n, d = 1, 2, 4096, 32
+    q, k, v = _qkv(b=b, h=h, n_q=n, n_k=n, d=d)
+    scores_bytes = b * h * n * n * 4
+    ov = make_attention_override(OverrideConfig(min_tokens=1024, budget_bytes=4 << 20))
+    with LiveBytesTracker() as tracker:
+        out = ov(_func_must_not_run, q, k, v, heads=h, _inside_attn_wrapper=True)
+        peak = tracker.peak_bytes
+    out_bytes = out.numel() * out.element_size()
+    assert peak - out_bytes < scores_bytes / 8, (peak, scores_bytes)
+    idx = torch.arange(0, n, 97)
+    ref = _comfy_attention_pytorch(q[:, idx], k, v, h)
+    torch.testing.assert_close(out[:, idx], ref, atol=2e-5, rtol=2e-5)
