@@ -143,7 +143,7 @@ def _bf16_supported(device: torch.device) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_cached(device_str: str) -> Tuple[Tuple[str, bool], ...]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -14,7 +14,7 @@ __all__ = ["CallRecord", "emit", "has_listeners", "subscribe"]
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_listeners: List[Callable[["CallRecord"], None]] = []
+_listeners: List[Callable[[CallRecord], None]] = []
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_out_dtype_bmm(device_type: str) -> bool:
     """Whether ``torch.bmm(a, b, out_dtype=torch.float32)`` runs for half inputs on this device type."""
     if device_type == "cpu":
@@ -44,7 +44,7 @@ def _has_out_dtype_bmm(device_type: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_has_bf16(device_type: str, index: int) -> bool:
     if device_type == "cuda":
         try:
