@@ -57,6 +57,8 @@ VERIFY_TOKENS = 256
 
 _BUDGET_FRACTION = 0.5  # of the working-memory budget given to one chunk's FFN intermediates
 
+_OutOfMemoryError: type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
 
 def resolve_num_chunks(num_chunks: int = 0) -> int:
     """Validate ``num_chunks``; ``0`` means the ``NOFLASH_FFN_CHUNKS`` default (itself 0 = adaptive).
@@ -88,9 +90,10 @@ def chunked_forward(module: nn.Module, num_chunks: int = 0, *, name: Optional[st
     goes to the original forward unchanged. Install it either as ``module.forward = fn`` or, on a ComfyUI
     ModelPatcher clone, with ``add_object_patch(path + ".forward", fn)``.
 
-    The original forward is captured now: the class's ``forward`` bound to ``module``, or an instance
-    ``forward`` already set on it (a wrapper made here is unwrapped instead of nested). So the callable never
-    calls ``module.forward`` and can be installed as that attribute.
+    Each chunk goes through the class's ``forward`` bound to ``module`` (captured now), never through
+    ``module.forward``: installed as that attribute, the callable would otherwise call itself. An instance
+    ``forward`` present now (say another clone's object patch that ComfyUI has not unpatched yet) is not
+    chained.
 
     Args:
         module: the feed-forward module (see :func:`~noflash_core.ffn_detect.find_ffn_modules`).
@@ -107,9 +110,14 @@ def chunked_forward(module: nn.Module, num_chunks: int = 0, *, name: Optional[st
 class ChunkedForward:
     """Callable chunked forward of one module, with per-signature verification and permanent fallback.
 
+    Args:
+        module, num_chunks, name: as for :func:`chunked_forward`.
+        original: the forward to run per chunk; default: the class's ``forward`` bound to ``module``.
+            :func:`~noflash_core.ffn_patch.patch_ffn` passes an instance ``forward`` it finds, to chain it.
+
     Attributes:
         module: the wrapped module.
-        original: its forward as captured at creation.
+        original: the forward each chunk goes through.
         num_chunks: the resolved chunk count (0 = adaptive).
         name: the path used in log messages.
         info: the FFN shape used for sizing chunks and the tolerance.
@@ -117,9 +125,16 @@ class ChunkedForward:
         chunked_calls: calls that ran in chunks (for tests and diagnostics).
     """
 
-    def __init__(self, module: nn.Module, num_chunks: int = 0, *, name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        num_chunks: int = 0,
+        *,
+        name: Optional[str] = None,
+        original: Optional[Callable[..., Any]] = None,
+    ) -> None:
         self.module = module
-        self.original: Callable[..., Any] = _original_forward(module)
+        self.original: Callable[..., Any] = original if original is not None else _class_forward(module)
         self.num_chunks = resolve_num_chunks(num_chunks)
         self.name = name if name is not None else type(module).__name__
         self.info: FFNInfo = estimate_ffn_info(module)
@@ -127,9 +142,7 @@ class ChunkedForward:
         self.failure: Optional[str] = None
         self.chunked_calls = 0
         self._verified: set = set()
-        self._stochastic = [
-            m for m in module.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU))
-        ]
+        self._stochastic = [m for m in module.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU))]
 
     def __repr__(self) -> str:
         mode = "passthrough" if self.passthrough else f"num_chunks={self.num_chunks or 'adaptive'}"
@@ -185,12 +198,12 @@ class ChunkedForward:
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.module.parameters())
         )
+        starts = range(0, n_tokens, chunk)
         if needs_graph:  # autograd keeps every chunk's saved tensors anyway; cat gives exact gradients
-            pieces = [self.original(x.narrow(dim, s, min(chunk, n_tokens - s)).contiguous())
-                      for s in range(0, n_tokens, chunk)]  # fmt: skip
+            pieces = [self.original(x.narrow(dim, s, min(chunk, n_tokens - s)).contiguous()) for s in starts]
             return torch.cat(pieces, dim)
         out: Optional[torch.Tensor] = None
-        for start in range(0, n_tokens, chunk):
+        for start in starts:
             length = min(chunk, n_tokens - start)
             piece = self.original(x.narrow(dim, start, length).contiguous())
             if not _same_layout(piece, x, dim, length):
@@ -222,7 +235,9 @@ class ChunkedForward:
                 got = torch.cat(pieces, dim)
                 del pieces
                 return _compare(got, ref, self.info, length)
-        except Exception as exc:  # noqa: BLE001 - any failure of the chunked path means: do not chunk
+        except _OutOfMemoryError:
+            raise  # not evidence against chunking; the unchunked call would need more memory still
+        except Exception as exc:  # noqa: BLE001 - any other failure of the chunked path means: do not chunk
             return "fail", f"chunked verification raised {type(exc).__name__}: {exc}"
 
     def _give_up(self, detail: str) -> None:
@@ -302,13 +317,8 @@ def _describe(t: Any) -> str:
     return type(t).__name__
 
 
-def _original_forward(module: nn.Module) -> Callable[..., Any]:
-    """The forward to call per chunk: an existing instance ``forward`` (unwrapped if ours) or the class's."""
-    current = module.__dict__.get("forward")
-    if isinstance(current, ChunkedForward):
-        return current.original
-    if current is not None:
-        return current
+def _class_forward(module: nn.Module) -> Callable[..., Any]:
+    """``type(module).forward`` bound to ``module`` (a bound method, so ``copy.deepcopy`` rebinds it)."""
     return types.MethodType(type(module).forward, module)
 
 

@@ -106,9 +106,7 @@ _ACTIVATION_TYPES: Tuple[type, ...] = (
     nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )  # fmt: skip
 _DROPOUT_TYPES: Tuple[type, ...] = (nn.modules.dropout._DropoutNd,)
-_FEATURE_NORM_TYPES: Tuple[type, ...] = tuple(
-    t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None
-)
+_FEATURE_NORM_TYPES: Tuple[type, ...] = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 @dataclass(frozen=True)
@@ -203,7 +201,7 @@ def classify_ffn(module: nn.Module, name: str = "") -> FFNVerdict:
     try:
         _collect_linears(module, "", linears, is_root=True)
     except _Reject as exc:
-        return verdict(False, str(exc), n=len(linears))
+        return verdict(False, str(exc), n=sum(_linear_dims(m) is not None for m in module.modules()))
     n = len(linears)
     if n < 2:
         return verdict(False, f"{n} linear layer(s); a feed-forward needs at least two", n=n)
@@ -366,7 +364,7 @@ def _collect_linears(module: nn.Module, path: str, out: List[_Linear], is_root: 
         return
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         raise _Reject(f"contains {type(module).__name__} {path!r} (parallel branches or experts)")
-    if _TOKEN_MIXER_CLASS.search(type(module).__name__) or isinstance(module, _TOKEN_MIXER_TYPES):
+    if isinstance(module, _TOKEN_MIXER_TYPES):
         raise _Reject(f"contains {type(module).__name__} {path!r}, which mixes tokens")
     for pname, tensor in _own_tensors(module):
         if tensor.dim() > 1:
@@ -425,9 +423,7 @@ def _ffn_shape(linears: Sequence[_Linear]) -> FFNInfo:
                     reduction_length=up.in_features + hidden,
                     roundings=4 if gated else 3,
                 )
-        raise _Reject(
-            f"linear layers {_dims_text(linears)} do not chain into a feed-forward (no out == in pairing)"
-        )
+        raise _Reject(f"linear layers {_dims_text(linears)} do not chain into a feed-forward (no out == in pairing)")
     if n == 3:
         for i in range(3):
             down = linears[i]

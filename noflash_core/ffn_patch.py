@@ -88,7 +88,8 @@ def patch_ffn(model: nn.Module, num_chunks: int = 0, verbose: bool = False) -> F
 
     Each wrapped module proves on its first call per input signature that chunking leaves its result
     unchanged, or runs unchunked from then on (see :mod:`noflash_core.ffn_chunk`). Modules already wrapped
-    by an earlier ``patch_ffn`` are left alone.
+    by an earlier ``patch_ffn`` are left alone; a module that already has an instance ``forward`` (another
+    patch) gets chunks of that one.
 
     Args:
         model: any ``nn.Module``; the model itself may be the feed-forward.
@@ -113,7 +114,8 @@ def patch_ffn(model: nn.Module, num_chunks: int = 0, verbose: bool = False) -> F
             continue
         logger.log(level, "noflash FFN: accept %s (%s): %s", label, verdict.class_name, verdict.reason)
         previous: Optional[Any] = module.__dict__.get("forward", _MISSING)
-        wrapper = ChunkedForward(module, resolved, name=label)
+        chained = None if previous is _MISSING else previous  # keep an existing instance patch working
+        wrapper = ChunkedForward(module, resolved, name=label, original=chained)
         module.forward = wrapper
         patched.append(_Patched(verdict.name, module, previous, wrapper))
     logger.log(level, "noflash FFN: chunking %d feed-forward module(s)", len(patched))
