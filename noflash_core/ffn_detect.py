@@ -11,10 +11,13 @@ dropout, LayerNorm/RMSNorm, identity) and its linear layers form a feed-forward 
   intermediate is not worth chunking;
 - and a ``forward`` that takes a single required input.
 
-Rejected: attention modules (q/k/v projections, ``*Attention*`` classes), mixture-of-experts modules
-(experts, routers, top-k gates: neither they nor their experts are wrapped), and any subtree holding a
-layer that mixes tokens or that the scan does not know (BatchNorm, GroupNorm, InstanceNorm, convolutions,
-pooling, recurrent layers, softmax, ``ModuleList``/``ModuleDict`` branches, raw matrix parameters).
+Rejected: attention modules (q/k/v-style children, ``*Attention*`` classes); mixture-of-experts modules,
+recognised by expert/router children or router/expert-list/top-k classes (neither they nor their experts
+are wrapped; a class merely named ``*Moe*`` is no evidence, MoE families name dense MLPs that way); and any
+subtree holding a layer that mixes tokens or that the scan does not know (BatchNorm, GroupNorm,
+InstanceNorm, convolutions, pooling, recurrent layers, softmax, raw matrix parameters). A ``ModuleList`` run
+in order (diffusers-style ``FeedForward.net``) counts like a ``Sequential``; an unnamed list of experts has
+more than three linear layers.
 
 Matching is by structure and class names only: nothing here imports ComfyUI or transformers. Structure is
 evidence, not proof: :mod:`noflash_core.ffn_chunk` checks each accepted module numerically on its first call.
@@ -46,24 +49,16 @@ MIN_EXPANSION = 1.5
 _ATTENTION_CHILD_NAMES = frozenset(
     {
         "q", "k", "v", "qkv", "to_q", "to_k", "to_v", "to_qkv", "q_proj", "k_proj", "v_proj", "qkv_proj",
-        "query", "key", "value", "in_proj", "c_attn", "wq", "wk", "wv", "wqkv", "q_lin", "k_lin", "v_lin",
+        "query", "key", "value", "c_attn", "wq", "wk", "wv", "wqkv", "q_lin", "k_lin", "v_lin",
         "norm_q", "norm_k", "q_norm", "k_norm", "query_norm", "key_norm", "add_q_proj", "add_k_proj",
     }
 )  # fmt: skip
 _MOE_CHILD_NAMES = frozenset({"experts", "shared_experts", "router", "routers", "expert", "switch_mlp"})
 _MOE_ATTRIBUTES = frozenset(
-    {
-        "num_experts",
-        "n_routed_experts",
-        "num_experts_per_tok",
-        "top_k",
-        "topk",
-        "moe_topk",
-        "num_local_experts",
-    },
+    {"num_experts", "n_routed_experts", "num_experts_per_tok", "top_k", "topk", "moe_topk", "num_local_experts"}
 )
 _ATTENTION_CLASS = re.compile(r"attn|attention", re.IGNORECASE)
-_MOE_CLASS = re.compile(r"moe|mixture.?of.?experts|expert|router|top_?k", re.IGNORECASE)
+_ROUTING_CLASS = re.compile(r"router|experts|top_?k|moe_?gate|gating|mixture.?of.?experts", re.IGNORECASE)
 _TOKEN_MIXER_CLASS = re.compile(
     r"batch_?norm|group_?norm|instance_?norm|response_?norm|conv|pool|rnn|lstm|gru|embedding|upsampl|shuffle"
     r"|fold|pad|softmax|softmin|flatten|mamba|ssm",
@@ -75,31 +70,13 @@ _ACTIVATION_CLASS = re.compile(
     re.IGNORECASE,
 )
 
-_TOKEN_MIXER_TYPES: Tuple[type, ...] = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        nn.modules.conv._ConvNd,
-        nn.modules.pooling._MaxPoolNd,
-        nn.modules.pooling._AvgPoolNd,
-        nn.modules.pooling._AdaptiveAvgPoolNd,
-        nn.modules.pooling._AdaptiveMaxPoolNd,
-        nn.RNNBase,
-        nn.MultiheadAttention,
-        nn.Embedding,
-        nn.EmbeddingBag,
-        nn.Softmax,
-        nn.Softmin,
-        nn.LogSoftmax,
-        nn.Flatten,
-        nn.Unflatten,
-        nn.Upsample,
-        nn.Fold,
-        nn.Unfold,
-    )
-)
+_TOKEN_MIXER_TYPES: Tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+    nn.GroupNorm, nn.LocalResponseNorm, nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.RNNBase, nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.Softmax, nn.Softmin, nn.LogSoftmax,
+    nn.Flatten, nn.Unflatten, nn.Upsample, nn.Fold, nn.Unfold,
+)  # fmt: skip
 _ACTIVATION_TYPES: Tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
     nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.RReLU,
@@ -119,8 +96,8 @@ class FFNInfo:
         out_features: output width ``D'``.
         gated: two input projections, or one fused ``D -> 2H`` projection split into value and gate.
         linears: paths (relative to the module) of the linear layers, input projections first.
-        width_per_token: elements of intermediate activations per token while one chunk runs (projection
-            outputs plus the activation/gating result); the adaptive chunk size is sized from it.
+        width_per_token: elements of intermediate activations alive per token at the peak of one chunk
+            (projection outputs, activation output, gate product); the adaptive chunk size comes from it.
         reduction_length: summed reduction lengths of the matmuls on the path, ``D + H``; it sets the
             verification tolerance.
         roundings: low-precision roundings on the path (one per layer output), for the same tolerance.
@@ -150,7 +127,9 @@ class FFNVerdict:
         accepted: whether it is an FFN candidate.
         reason: one line that explains the decision.
         info: the FFN's shape when accepted.
-        num_linears: linear layers found in its subtree (0 when the scan stopped early).
+        num_linears: linear layers in its subtree.
+        descend: whether a scan should look for feed-forwards inside it (False for accepted modules, for
+            attention modules with q/k/v projections and for mixture-of-experts modules).
     """
 
     name: str
@@ -159,6 +138,7 @@ class FFNVerdict:
     reason: str
     info: Optional[FFNInfo] = None
     num_linears: int = 0
+    descend: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,61 +163,58 @@ def classify_ffn(module: nn.Module, name: str = "") -> FFNVerdict:
         An :class:`FFNVerdict`; ``info`` is set when ``accepted``.
     """
     cls = type(module).__name__
+    n = sum(_linear_dims(m) is not None for m in module.modules())
 
-    def verdict(accepted: bool, reason: str, info: Optional[FFNInfo] = None, n: int = 0) -> FFNVerdict:
-        return FFNVerdict(name, cls, accepted, reason, info, n)
+    def verdict(reason: str, descend: bool = True) -> FFNVerdict:
+        return FFNVerdict(name, cls, False, reason, None, n, descend)
 
     if _linear_dims(module) is not None:
-        return verdict(False, "a single linear layer")
+        return verdict("a single linear layer", descend=False)
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-        return verdict(False, f"a {cls} container (no forward of its own)")
-    moe = _moe_evidence(module)
-    if moe:
-        return verdict(False, f"mixture-of-experts module ({moe})")
+        return verdict(f"a {cls} container (no forward of its own)")
+    moe, routes = _moe_evidence(module)
+    if routes:  # experts are never wrapped
+        return verdict(f"mixture-of-experts module ({moe})", descend=False)
     attention = _attention_evidence(module)
-    if attention:
-        return verdict(False, f"attention module ({attention})")
+    if attention:  # a block named *Attention* may hold the FFN; a module with q/k/v projections does not
+        return verdict(f"attention module ({attention})", descend=attention.startswith("class"))
+    if moe:
+        return verdict(f"mixture-of-experts settings ({moe})")
     linears: List[_Linear] = []
     try:
         _collect_linears(module, "", linears, is_root=True)
-    except _Reject as exc:
-        return verdict(False, str(exc), n=sum(_linear_dims(m) is not None for m in module.modules()))
-    n = len(linears)
-    if n < 2:
-        return verdict(False, f"{n} linear layer(s); a feed-forward needs at least two", n=n)
-    try:
+        if len(linears) < 2:
+            raise _Reject(f"{len(linears)} linear layer(s); a feed-forward needs at least two")
         info = _ffn_shape(linears)
     except _Reject as exc:
-        return verdict(False, str(exc), n=n)
+        return verdict(str(exc))
     if info.expansion < MIN_EXPANSION:
         return verdict(
-            False,
             f"expansion {info.expansion:.2f}x < {MIN_EXPANSION}x ({info.in_features} -> {info.hidden} -> "
-            f"{info.out_features}): a projector, not a feed-forward",
-            n=n,
+            f"{info.out_features}): a projector, not a feed-forward"
         )
     signature_problem = _signature_problem(module)
     if signature_problem:
-        return verdict(False, signature_problem, n=n)
+        return verdict(signature_problem)
     kind = "gated " if info.gated else ""
-    return verdict(
-        True,
+    reason = (
         f"{kind}feed-forward {info.in_features} -> {info.hidden} -> {info.out_features} "
-        f"({info.expansion:.2f}x) via {', '.join(info.linears)}",
-        info,
-        n,
+        f"({info.expansion:.2f}x) via {', '.join(info.linears)}"
     )
+    return FFNVerdict(name, cls, True, reason, info, n, descend=False)
 
 
 def scan_ffn_modules(model: nn.Module) -> List[FFNVerdict]:
     """Walk ``model`` top-down and classify its modules.
 
-    The walk does not descend into accepted modules (their inner Sequential is part of them) nor into
-    mixture-of-experts modules (experts are never wrapped). A module used at several paths is classified once.
+    The walk does not descend into accepted modules (their inner Sequential is part of them), attention
+    modules, or mixture-of-experts modules (experts are never wrapped). A module used at several paths is
+    classified once, at its first path.
 
     Returns:
         Accepted verdicts, plus the deepest rejected modules that looked like feed-forwards (two or more
-        linear layers, with no accepted or reported module below them), in traversal order.
+        linear layers, with no accepted or reported module below them) and every mixture-of-experts module,
+        in traversal order.
     """
     out: List[FFNVerdict] = []
     seen: set = set()
@@ -251,10 +228,10 @@ def scan_ffn_modules(model: nn.Module) -> List[FFNVerdict]:
             out.append(v)
             return True
         reported = False
-        if not v.reason.startswith("mixture-of-experts"):
+        if v.descend:
             for child_name, child in module.named_children():
                 reported |= visit(f"{name}.{child_name}" if name else child_name, child)
-        if not reported and (v.num_linears >= 2 or v.reason.startswith(("mixture", "attention"))):
+        if not reported and (v.num_linears >= 2 or v.reason.startswith("mixture-of-experts module")):
             out.append(v)
             return True
         return reported
@@ -331,16 +308,25 @@ def _attention_evidence(module: nn.Module) -> str:
     return ""
 
 
-def _moe_evidence(module: nn.Module) -> str:
-    if _MOE_CLASS.search(type(module).__name__):
-        return f"class {type(module).__name__}"
-    names = sorted(n for n, _ in module.named_children() if n.lower() in _MOE_CHILD_NAMES)
-    if names:
-        return f"children {', '.join(names)}"
+def _moe_evidence(module: nn.Module) -> Tuple[str, bool]:
+    """``(evidence, strong)`` that ``module`` is a mixture-of-experts layer.
+
+    Strong: it is, or has as a child, a router/expert-list/top-k gate (by child name or class name); such a
+    module routes tokens itself and is not searched further. Weak: only MoE attributes (``num_experts``,
+    ``top_k``): it is no FFN but may hold some. A class name like ``Qwen2MoeMLP`` alone is no evidence: MoE
+    model families name their dense MLPs and norms that way too.
+    """
+    if _ROUTING_CLASS.search(type(module).__name__):
+        return f"class {type(module).__name__}", True
+    for child_name, child in module.named_children():
+        if child_name.lower() in _MOE_CHILD_NAMES:
+            return f"child {child_name!r}", True
+        if _ROUTING_CLASS.search(type(child).__name__):
+            return f"child {child_name!r} of class {type(child).__name__}", True
     attrs = sorted(a for a in vars(module) if a.lower() in _MOE_ATTRIBUTES)
     if attrs:
-        return f"attributes {', '.join(attrs)}"
-    return ""
+        return f"attributes {', '.join(attrs)}", False
+    return "", False
 
 
 def _collect_linears(module: nn.Module, path: str, out: List[_Linear], is_root: bool = False) -> None:
@@ -351,7 +337,7 @@ def _collect_linears(module: nn.Module, path: str, out: List[_Linear], is_root: 
         if dims is not None:
             out.append(_Linear(path, *dims))
             return
-        evidence = _moe_evidence(module)
+        evidence, _ = _moe_evidence(module)
         if evidence:
             raise _Reject(f"contains mixture-of-experts part {path!r} ({evidence})")
         evidence = _attention_evidence(module)
@@ -362,8 +348,6 @@ def _collect_linears(module: nn.Module, path: str, out: List[_Linear], is_root: 
         if not is_root:
             _check_leaf(module, path)
         return
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-        raise _Reject(f"contains {type(module).__name__} {path!r} (parallel branches or experts)")
     if isinstance(module, _TOKEN_MIXER_TYPES):
         raise _Reject(f"contains {type(module).__name__} {path!r}, which mixes tokens")
     for pname, tensor in _own_tensors(module):
@@ -419,7 +403,7 @@ def _ffn_shape(linears: Sequence[_Linear]) -> FFNInfo:
                     out_features=down.out_features,
                     gated=gated,
                     linears=(up.path, down.path),
-                    width_per_token=up.out_features + hidden,
+                    width_per_token=up.out_features + (2 if gated else 1) * hidden,  # + act(gate), product
                     reduction_length=up.in_features + hidden,
                     roundings=4 if gated else 3,
                 )

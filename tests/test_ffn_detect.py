@@ -113,3 +113,32 @@ def test_estimate_for_unaccepted_module_is_conservative() -> None:
     info = estimate_ffn_info(R.ConvMlp())
     assert info.width_per_token >= R.H + R.D
     assert info.reduction_length >= R.D + R.H
+
+
+def test_moe_family_names_alone_are_no_evidence() -> None:
+    """MoE model families name their dense MLPs and whole models *Moe*: those are still searched."""
+
+    class Qwen2MoeMLP(R.LlamaMLP):
+        pass
+
+    class Qwen2MoeTopKRouter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, R.D))
+
+    class Qwen2MoeSparseMoeBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = Qwen2MoeTopKRouter()  # the router class gives it away
+            self.shared_expert = Qwen2MoeMLP()
+
+    class Qwen2MoeModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = Qwen2MoeMLP()
+            self.sparse = Qwen2MoeSparseMoeBlock()
+
+    assert find_ffn_modules(Qwen2MoeModel()) == ["dense"]
+    mlp = R.LlamaMLP()
+    mlp.num_experts = 4  # MoE settings on the module itself: not an FFN
+    assert "mixture-of-experts settings" in classify_ffn(mlp).reason

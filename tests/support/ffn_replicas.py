@@ -255,7 +255,33 @@ class NormedMlp(nn.Module):
         return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
+class GELU(nn.Module):
+    """diffusers/Qwen-Image ``GELU``: projection then GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "none") -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class ListFeedForward(nn.Module):
+    """diffusers/Qwen-Image ``FeedForward``: ``net`` is a ModuleList run in order."""
+
+    def __init__(self, dim: int = D, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([GELU(dim, dim * mult, "tanh"), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        for module in self.net:
+            hidden_states = module(hidden_states)
+        return hidden_states
+
+
 ACCEPTED = {
+    "diffusers_list_feedforward": ListFeedForward,
     "wan_ffn": wan_ffn,
     "comfy_feedforward_geglu": lambda: FeedForward(glu=True),
     "comfy_feedforward_gelu": lambda: FeedForward(glu=False),
@@ -344,6 +370,15 @@ class Block(nn.Module):
         self.router = nn.Linear(dim, 2)
 
 
+class SparseBlock(nn.Module):
+    """An MoE with neutral names: a scoring Linear and a list of experts (caught by its linear count)."""
+
+    def __init__(self, dim: int = D) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 2)
+        self.ws = nn.ModuleList(LlamaMLP(dim) for _ in range(2))
+
+
 class BatchNormMlp(nn.Module):
     def __init__(self, dim: int = D, hidden: int = H) -> None:
         super().__init__()
@@ -404,6 +439,7 @@ REJECTED = {
     "mixtral_moe": (SparseMoeBlock, "mixture-of-experts"),
     "hidream_moe": (MOEFeedForwardSwiGLU, "mixture-of-experts"),
     "neutral_moe": (Block, "mixture-of-experts"),
+    "anonymous_moe": (SparseBlock, "7 linear layers"),
     "batchnorm": (BatchNormMlp, "BatchNorm1d"),
     "conv1d": (ConvMlp, "Conv1d"),
     "groupnorm": (GroupNormMlp, "GroupNorm"),
