@@ -1,0 +1,201 @@
+"""Run a real ComfyUI in-process for the tests: set-up on CPU, the pack loaded as ComfyUI loads custom nodes, and
+tiny random-weight models that ComfyUI's own model detection recognizes.
+
+Used by ``tests/comfy/`` and by ``tests/test_workflows.py``; both only run when ``COMFYUI_PATH`` names a ComfyUI
+checkout whose requirements are installed (see ``docs/comfyui.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "REPO_ROOT",
+    "TORCHVISION_STUB",
+    "comfyui_path",
+    "setup_comfyui",
+    "load_core_nodes",
+    "load_pack",
+    "make_custom_nodes_dir",
+    "tiny_wan_state_dict",
+    "tiny_flux_state_dict",
+    "tiny_sd3_state_dict",
+    "tiny_clip_l_state_dict",
+    "save_state_dict",
+    "wan_conditioning",
+    "flux_conditioning",
+]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TORCHVISION_STUB = os.path.join(REPO_ROOT, "tests", "support", "torchvision_stub")
+PACK_DIR_NAME = "noflash"
+
+
+def comfyui_path() -> Optional[str]:
+    """``COMFYUI_PATH`` when it names a ComfyUI checkout, else None."""
+    path = os.environ.get("COMFYUI_PATH")
+    if path and os.path.isfile(os.path.join(path, "comfy", "model_management.py")):
+        return os.path.abspath(path)
+    return None
+
+
+def setup_comfyui() -> str:
+    """Make ComfyUI importable (first on ``sys.path``), on CPU; returns its path."""
+    path = comfyui_path()
+    if path is None:
+        raise RuntimeError("COMFYUI_PATH does not name a ComfyUI checkout")
+    if sys.path[0] != path:
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)  # before the repo root: ComfyUI's nodes.py, not the pack's nodes/
+    if importlib.util.find_spec("torchvision") is None:
+        sys.path.append(TORCHVISION_STUB)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (after args.cpu)
+    import nodes
+
+    if not os.path.abspath(nodes.__file__).startswith(path):
+        raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
+    return path
+
+
+def load_core_nodes() -> None:
+    """ComfyUI's built-in extra nodes (comfy_extras), once."""
+    import nodes
+
+    if "ModelSamplingSD3" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+
+
+def make_custom_nodes_dir(base: str) -> str:
+    """``base/custom_nodes/noflash`` → the repository root (a symlink); returns the pack path."""
+    custom = os.path.join(base, "custom_nodes")
+    os.makedirs(custom, exist_ok=True)
+    link = os.path.join(custom, PACK_DIR_NAME)
+    if not os.path.islink(link):
+        os.symlink(REPO_ROOT, link)
+    return link
+
+
+def load_pack(base: str):
+    """Load the pack exactly as ComfyUI loads a custom-node directory; returns the pack's module.
+
+    ComfyUI imports ``custom_nodes/<dir>/__init__.py`` under a module name made from the directory path and
+    registers what ``comfy_entrypoint`` lists in ``nodes.NODE_CLASS_MAPPINGS``.
+    """
+    import nodes
+
+    pack_path = make_custom_nodes_dir(base)
+    name = pack_path.replace(".", "_x_")
+    if name not in sys.modules:
+        ok = asyncio.run(nodes.load_custom_node(pack_path))
+        if not ok:
+            raise RuntimeError(f"ComfyUI refused to load the pack from {pack_path}")
+    return sys.modules[name]
+
+
+def pack_module(pack, dotted: str):
+    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy_telemetry")``."""
+    return sys.modules[f"{pack.__name__}.{dotted}"]
+
+
+def _random_state_dict(module: torch.nn.Module, seed: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, t in module.state_dict().items():
+        if key.endswith(("norm.weight", "norm.scale", "norm_q.weight", "norm_k.weight", "key_norm.scale",
+                         "query_norm.scale", "ln_q.weight", "ln_k.weight")):
+            out[key] = torch.ones(t.shape, dtype=dtype)
+        else:
+            fan_in = max(1, t[0].numel()) if t.dim() >= 2 else 50
+            out[key] = (torch.randn(t.shape, generator=g) / fan_in**0.5).to(dtype)
+    return out
+
+
+def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """A Wan 2.1 T2V state dict that ComfyUI detects: dim 256 (2 heads of 128), ffn 512, 2 layers."""
+    from comfy.ldm.wan.model import WanModel
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=256, ffn_dim=512,
+                         freq_dim=256, text_dim=4096, out_dim=16, num_heads=2, num_layers=2,
+                         operations=comfy.ops.disable_weight_init)
+    return _random_state_dict(model, seed, dtype)
+
+
+def tiny_flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
+    """A Flux.1-dev state dict that ComfyUI detects. Detection fixes hidden 3072 / 24 heads / context 4096, so
+    it is as small as that allows: one double block, no single blocks (about 0.8 GB in fp16)."""
+    from comfy.ldm.flux.model import Flux
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                     mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
+                     theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                     operations=comfy.ops.disable_weight_init)
+    return _random_state_dict(model, seed, dtype)
+
+
+def tiny_sd3_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, context_dim: int = 768,
+                        adm_dim: int = 768):
+    """An SD3-style MMDiT state dict ComfyUI detects: depth 2 (hidden 128, 2 heads of 64), 16 latent channels,
+    text context ``context_dim`` wide and pooled vector ``adm_dim`` wide (768 each: a CLIP-L text encoder)."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2,
+                      pos_embed_max_size=64, adm_in_channels=adm_dim,
+                      context_embedder_config={"target": "torch.nn.Linear",
+                                               "params": {"in_features": context_dim, "out_features": 128}},
+                      operations=comfy.ops.disable_weight_init)
+    return _random_state_dict(model, seed, dtype)
+
+
+def save_state_dict(sd: Dict[str, torch.Tensor], path: str) -> str:
+    import safetensors.torch
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path
+
+
+def wan_conditioning(batch: int = 1, tokens: int = 24, seed: int = 1) -> Tuple[list, list]:
+    """(positive, negative) conditioning lists as a Wan text encoder would give them: ``(b, tokens, 4096)``."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(batch, tokens, 4096, generator=g) * 0.5
+    neg = torch.randn(batch, tokens, 4096, generator=g) * 0.5
+    return [[pos, {}]], [[neg, {}]]
+
+
+def flux_conditioning(batch: int = 1, tokens: int = 16, seed: int = 2) -> Tuple[list, list]:
+    """(positive, negative) for Flux: T5 ``(b, tokens, 4096)``, pooled CLIP ``(b, 768)``, guidance 3.5."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        return [[torch.randn(batch, tokens, 4096, generator=g) * 0.5,
+                 {"pooled_output": torch.randn(batch, 768, generator=g) * 0.5, "guidance": 3.5}]]
+
+    return one(), one()
+
+
+def tiny_clip_l_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
+    """A random CLIP-L text encoder state dict (ComfyUI's fixed SD1 config: 12 layers, width 768, ~123M params)
+    for ``CLIPLoader`` with type ``stable_diffusion``: ``CLIPTextEncode`` then gives ``(1, 77, 768)`` plus a
+    pooled ``(1, 768)`` output."""
+    import comfy.sd1_clip
+
+    with torch.device("meta"):
+        model = comfy.sd1_clip.SDClipModel(device="meta")
+    sd = _random_state_dict(model.transformer, seed, dtype)
+    return {k: v for k, v in sd.items() if not k.endswith("position_ids")}
