@@ -7,6 +7,9 @@ patches torch's SDPA globally.
 """
 
 from .device import device_report
+from .ffn_chunk import chunked_forward
+from .ffn_detect import find_ffn_modules
+from .ffn_patch import FFNPatchHandle, patch_ffn
 from .patch import disable, enable, is_enabled, patched
 from .planner import Plan, plan
 from .sdpa import scaled_dot_product_attention
@@ -14,12 +17,16 @@ from .sdpa import scaled_dot_product_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "FFNPatchHandle",
     "Plan",
     "__version__",
+    "chunked_forward",
     "device_report",
     "disable",
     "enable",
+    "find_ffn_modules",
     "is_enabled",
+    "patch_ffn",
     "patched",
     "plan",
     "scaled_dot_product_attention",

@@ -67,9 +67,6 @@ def attention_backward(
     ko = tm.operand(k)
     kt = ko.transpose(-1, -2)
     vt = tm.operand(v).transpose(-1, -2)
-    d_rows = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)
-    lse_safe = torch.where(lse == float("-inf"), float("inf"), lse).to(acc).unsqueeze(-1)
-    dout_op = tm.operand(grad_out)
     dq = torch.empty(b, h, g, length, e, dtype=acc, device=q.device)
     dk = torch.zeros(b, h, s, e, dtype=acc, device=q.device)
     dv = torch.zeros(b, h, s, ev, dtype=acc, device=q.device)
@@ -79,9 +76,12 @@ def attention_backward(
         i1 = min(length, i0 + block_m)
         bm = i1 - i0
         qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(b, h, g * bm, e)
-        dob = dout_op[:, :, :, i0:i1].reshape(b, h, g * bm, ev)
-        lse_b = lse_safe[:, :, :, i0:i1]
-        d_b = d_rows[:, :, :, i0:i1]
+        dout_b = grad_out[:, :, :, i0:i1]
+        # D = rowsum(dO * O) and the safe log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
+        d_b = (dout_b.to(acc) * out[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+        lse_b = lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
+        lse_b = torch.where(lse_b == float("-inf"), float("inf"), lse_b)
+        dob = tm.operand(dout_b).reshape(b, h, g * bm, ev)
         dq_b = torch.zeros(b, h, g * bm, e, dtype=acc, device=q.device)
         for j0 in range(0, s, block_n):
             j1 = min(s, j0 + block_n)

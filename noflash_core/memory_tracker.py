@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -149,6 +149,17 @@ def _input_storage_ids(args: tuple, kwargs: dict) -> set[int]:
     return ids
 
 
+def _python_kernel(func: Any) -> Optional[Callable[..., Any]]:
+    """The Python implementation of an op defined with ``torch.library.custom_op``, or None for other ops."""
+    name = getattr(getattr(func, "_schema", None), "name", None)
+    if not name or name.startswith("aten::"):
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(name)
+    return getattr(opdef, "_init_fn", None) if opdef is not None else None
+
+
 class LiveBytesTracker(TorchDispatchMode):
     """Count the bytes of tensor storages allocated inside the context that are still alive.
 
@@ -226,7 +237,14 @@ class LiveBytesTracker(TorchDispatchMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
-        out = func(*args, **kwargs)
+        kernel = _python_kernel(func)
+        if kernel is not None:
+            # A custom op's kernel is Python code made of aten ops, and a dispatch mode is popped while it runs the
+            # op it intercepted. Run the kernel itself with the mode active, so its scratch memory is counted too.
+            with self:
+                out = kernel(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         new, grown = self._collect(func, out, args, kwargs)
         if new or grown:
             requested = sum(nb for _, nb in new) + sum(nb - ref.nbytes for ref, nb in grown)

@@ -73,7 +73,7 @@ class Plan:
 
 
 def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype, device="meta").element_size()
+    return dtype.itemsize
 
 
 def predict_peak_bytes(
@@ -116,12 +116,16 @@ def predict_peak_bytes(
     if not requires_grad:
         return forward
     bn = s if tier == 1 else min(block_n, s)
+    # Held through the backward: output, lse, the incoming gradient, fp32 gradient accumulators, operand copies.
     grads_acc = (bhg * length * e + b * h * s * (e + ev)) * acc
     grads_out = (bhg * length * e + b * h * s * (e + ev)) * inp if acc != inp else 0
-    dout_and_d = bhg * length * (ev * acc + acc) if acc != inp else bhg * length * acc
-    tile = bhg * bm * bn * (3 * acc + mask_b + (40 if dropout else 0))
+    held = out + lse + bhg * length * ev * inp + grads_acc + convert_kv
+    # Per query block: q and dO blocks, D and lse rows, the dq block, and per tile: scores/P, dP/dS, dropout
+    # multipliers and the matmul results added into dq, dk and dv.
+    row_block = bhg * bm * (2 * e * op + 3 * ev * max(acc, op) + e * acc + 4 * acc)
+    tile = bhg * bm * bn * (2 * acc + mask_b + (40 if dropout else 0))
     tile_grads = (bhg * bm * e + 2 * b * h * bn * max(e, ev)) * acc
-    backward = out + lse + convert_kv + grads_acc + grads_out + dout_and_d + q_block + tile + tile_grads + small
+    backward = held + max(row_block + tile + tile_grads, grads_out) + small
     return max(forward, backward)
 
 
