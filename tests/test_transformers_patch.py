@@ -21,9 +21,7 @@ caller passes a 4-D float mask.
 
 from __future__ import annotations
 
-import collections
-import functools
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 import torch
@@ -31,21 +29,19 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import noflash_core  # noqa: E402
-from noflash_core import telemetry  # noqa: E402
+from tests.support.sdpa_route import MODES, RouteThrough, assert_close_to_float64  # noqa: E402
 
 VOCAB = 128
 LAYERS = 2
 PROMPT = 40
 NEW_TOKENS = 20
 PAD_LEFT = 7
-# Small enough that the prefill's math-SDPA peak (~120 KB) does not fit, large enough for a decode step (~4 KB).
-AUTO_BUDGET_MB = "0.03"
 BLOCK = 16
-EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No downloads, default noflash settings, and torch's own SDPA for the references."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -53,7 +49,11 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.delenv("NOFLASH_THRESHOLD", raising=False)
     monkeypatch.delenv("NOFLASH_BUDGET_MB", raising=False)
+    was_enabled = noflash_core.is_enabled()
     noflash_core.disable()
+    yield
+    if was_enabled:
+        noflash_core.enable()
 
 
 def _make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -98,45 +98,6 @@ def _float_mask4d() -> torch.Tensor:
     return torch.zeros(2, 1, PROMPT, PROMPT).masked_fill(~keep, float("-inf"))
 
 
-class _Through:
-    """Route torch's SDPA through noflash (``mode`` "auto" or a pinned tier) and count the calls by tier."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, mode) -> None:
-        self.monkeypatch = monkeypatch
-        self.mode = mode
-        self.records: List[telemetry.CallRecord] = []
-
-    def __enter__(self) -> _Through:
-        self._unsubscribe = telemetry.subscribe(self.records.append)
-        if self.mode == "auto":
-            self.monkeypatch.setenv("NOFLASH_BUDGET_MB", AUTO_BUDGET_MB)
-            self._ctx = noflash_core.patched(threshold=0)
-            self._ctx.__enter__()
-            assert noflash_core.is_enabled()
-        else:
-            pinned = functools.partial(
-                noflash_core.scaled_dot_product_attention, tier=self.mode, block_m=BLOCK, block_n=BLOCK
-            )
-            self._saved = torch.nn.functional.scaled_dot_product_attention
-            torch.nn.functional.scaled_dot_product_attention = pinned
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._unsubscribe()
-        if self.mode == "auto":
-            self._ctx.__exit__(*exc)
-            self.monkeypatch.delenv("NOFLASH_BUDGET_MB", raising=False)
-            assert not noflash_core.is_enabled()
-        else:
-            torch.nn.functional.scaled_dot_product_attention = self._saved
-
-    def by_tier(self) -> Dict[int, int]:
-        return dict(collections.Counter(r.tier for r in self.records))
-
-    def tiled(self) -> List[telemetry.CallRecord]:
-        return [r for r in self.records if r.tier != 0]
-
-
 def _generate(model: torch.nn.Module, inputs: Dict[str, torch.Tensor]):
     return model.generate(
         **inputs,
@@ -149,16 +110,13 @@ def _generate(model: torch.nn.Module, inputs: Dict[str, torch.Tensor]):
     )
 
 
-MODES = ["auto", 1, 2, 3]
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: f"tier_{m}")
-def test_generate_identical_tokens(monkeypatch: pytest.MonkeyPatch, mode, padded: bool) -> None:
+def test_generate_identical_tokens(mode, padded: bool) -> None:
     model = _make_model().eval()
     inputs = _prompt(padded)
     ref = _generate(model, inputs)
-    with _Through(monkeypatch, mode) as through:
+    with RouteThrough(mode, block=BLOCK) as through:
         out = _generate(model, inputs)
 
     # The greedy choice is never a near-tie, so equal tokens are a real check and not luck either way.
@@ -183,17 +141,8 @@ def test_generate_identical_tokens(monkeypatch: pytest.MonkeyPatch, mode, padded
         assert all(r.block_m <= BLOCK for r in prefill)
 
 
-def _assert_close_to_float64(name: str, ours: torch.Tensor, torch32: torch.Tensor, ref64: torch.Tensor) -> None:
-    """noflash's fp32 error against float64 may be at most 4x torch's own fp32 error, plus 8 ulps of the scale."""
-    ref = ref64.float()
-    torch_err = (torch32 - ref).abs().max().item()
-    ours_err = (ours - ref).abs().max().item()
-    tol = 4 * torch_err + 8 * EPS32 * ref.abs().max().item()
-    assert ours_err <= tol, f"{name}: noflash fp32 error {ours_err:.3g} > {tol:.3g} (torch's {torch_err:.3g})"
-
-
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: f"tier_{m}")
-def test_float_and_bool_padding_masks_forward(monkeypatch: pytest.MonkeyPatch, mode) -> None:
+def test_float_and_bool_padding_masks_forward(mode) -> None:
     """The same left-padded batch as a bool mask (built by transformers) and as a 4-D float mask with -inf."""
     model = _make_model().eval()
     model64 = _make_model(torch.float64).eval()
@@ -204,14 +153,14 @@ def test_float_and_bool_padding_masks_forward(monkeypatch: pytest.MonkeyPatch, m
         ref64_float = model64(input_ids=ids, attention_mask=_float_mask4d().double()).logits
         ref = model(**inputs).logits
         ref_float = model(input_ids=ids, attention_mask=_float_mask4d()).logits
-        with _Through(monkeypatch, mode) as through:
+        with RouteThrough(mode, block=BLOCK) as through:
             got = model(**inputs).logits
             got_float = model(input_ids=ids, attention_mask=_float_mask4d()).logits
 
     assert len(through.tiled()) == 2 * LAYERS, through.by_tier()
     assert torch.isfinite(got).all() and torch.isfinite(got_float).all()
-    _assert_close_to_float64("bool-mask logits", got, ref, ref64)
-    _assert_close_to_float64("float-mask logits", got_float, ref_float, ref64_float)
+    assert_close_to_float64("bool-mask logits", got, ref, ref64)
+    assert_close_to_float64("float-mask logits", got_float, ref_float, ref64_float)
     # Both masks mean the same thing on the real (non-pad) positions.
     torch.testing.assert_close(got_float[:, PAD_LEFT:], got[:, PAD_LEFT:], rtol=0, atol=1e-5)
 
@@ -232,10 +181,10 @@ def _train_step_grads(
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 @pytest.mark.parametrize("mode", ["auto", 1, 2], ids=lambda m: f"tier_{m}")
-def test_training_step_gradients_match(monkeypatch: pytest.MonkeyPatch, mode, mask_kind: str) -> None:
+def test_training_step_gradients_match(mode, mask_kind: str) -> None:
     """Gradients through the tiled backward vs torch's SDPA, both measured against a float64 reference.
 
-    Tolerance: see :func:`_assert_close_to_float64`; in float64 the two must agree to ~1e-12.
+    Tolerance: see :func:`assert_close_to_float64`; in float64 the two must agree to ~1e-12.
     """
     inputs = _prompt(mask_kind != "none")
     mask = {"none": None, "bool": inputs["attention_mask"], "float": _float_mask4d()}[mask_kind]
@@ -245,7 +194,7 @@ def test_training_step_gradients_match(monkeypatch: pytest.MonkeyPatch, mode, ma
 
     ref64 = _train_step_grads(model64, inputs, mask64)
     ref32 = _train_step_grads(model32, inputs, mask)
-    with _Through(monkeypatch, mode) as through:
+    with RouteThrough(mode, block=BLOCK) as through:
         got32 = _train_step_grads(model32, inputs, mask)
         got64 = _train_step_grads(model64, inputs, mask64)
 
@@ -258,5 +207,5 @@ def test_training_step_gradients_match(monkeypatch: pytest.MonkeyPatch, mode, ma
     assert ref64.keys() == got32.keys() == got64.keys()
     assert any("self_attn.q_proj" in n for n in got32)
     for name, g64 in ref64.items():
-        _assert_close_to_float64(name, got32[name], ref32[name], g64)
+        assert_close_to_float64(name, got32[name], ref32[name], g64)
         assert (got64[name] - g64).abs().max().item() <= 1e-12 + 1e-10 * g64.abs().max().item(), name
