@@ -1,35 +1,41 @@
 """Predict an attention call's peak memory by running the real code on fake tensors.
 
-Nothing is allocated: the inputs are :class:`~torch._subclasses.fake_tensor.FakeTensor` s and
-:class:`~noflash_core.memory_tracker.LiveBytesTracker` adds up the bytes their storages would hold.
-The number is exactly what the tracker would measure on a real run of the same code (on CPU), with no
-hand formula.
+Nothing is allocated: the inputs are :class:`~torch._subclasses.fake_tensor.FakeTensor` s and a
+:class:`~noflash_core.memory_tracker.LiveBytesTracker` adds up the bytes their storages would hold. The
+number is what the tracker measures on a real run of the same code (on CPU), with no hand formula.
 
 Long sequences have many tiles, and every tile is a handful of Python-dispatched ops, so a fake run at
-75k tokens would take minutes. A tiled implementation at fixed blocks holds, at its peak, some buffers of
-fixed size (tiles), some proportional to L (output, row statistics), some to S (a row block of scores)
-and, for the quadratic baselines, some to L·S. Its peak is affine in L at fixed S and in S at fixed L:
+75k tokens with small blocks would take minutes. :func:`fake_peak_bytes` therefore runs at a few blocks'
+worth of L and S and extrapolates, using the structure of tiled code:
 
-    peak(L, S) = a + b·L + c·S + d·L·S
+- at one *program point* (the call site of an allocating op), the live bytes are a sum of buffers of fixed
+  size (tiles), buffers proportional to L (output, row statistics), to S (a row of scores, key gradients)
+  and, for the quadratic baselines, to L·S. So the highest live-bytes at each call site is
+  ``a + b·L + c·S + d·L·S``, affine in L at fixed S and in S at fixed L;
+- the peak of the call is the maximum over call sites.
 
-:func:`fake_peak_bytes` fits ``a, b, c, d`` from four fake runs at a few blocks' worth of L and S,
-checks the fit at a fifth, larger point, and evaluates it at the real size. When the check fails (the peak
-switches phase between the sizes) it falls back to a direct fake run, or reports the fit as unverified
-when that would be too slow.
+The tracker records the highest live-bytes per call site; each site is fitted on a 2×2 grid of (L, S), the
+prediction is the maximum of the fitted sites, and a fifth run at a larger size verifies it. Fitting per
+site matters: a forward phase that dominates at small sizes can be overtaken by a backward phase at the
+real size, which a single affine fit of the overall peak would miss. When the check fails the prediction
+falls back to a direct fake run, or is reported as unverified when that would be too slow.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 __all__ = [
     "AttentionShape",
     "FakePeak",
+    "InsideOpsTracker",
     "fake_peak_bytes",
     "math_sdpa",
     "predict_math_peak",
@@ -39,9 +45,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Coefficients = Tuple[float, float, float, float]
+Site = Tuple[str, ...]
 
-# Relative error allowed at the verification point before the affine model is rejected.
+# Key lengths for the fit when the code does not tile keys (any S is a valid point then).
+_UNTILED_KEY_STEP = 128
+# Relative error allowed at the verification point before the fit is rejected.
 _CHECK_TOLERANCE = 1e-3
+# Frames of user code (outside torch and the tracker) that name a call site.
+_SITE_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,8 @@ class FakePeak:
     Attributes:
         peak_bytes: predicted peak of bytes allocated inside the call (inputs excluded, output included).
         method: ``"direct"`` (one fake run at full size) or ``"affine"`` (fitted and extrapolated).
-        coefficients: ``(a, b, c, d)`` of ``a + b·L + c·S + d·L·S`` when fitted.
+        coefficients: ``(a, b, c, d)`` of ``a + b·L + c·S + d·L·S`` of the site that sets the peak.
+        site: that call site, ``"file:line < file:line ..."`` (innermost first).
         check_error: relative error of the fit at its verification point (``None`` for direct runs).
         verified: False only when the fit failed its check and a direct run was too large to do.
         runs: fake runs performed.
@@ -80,10 +93,111 @@ class FakePeak:
 
     peak_bytes: int
     method: str
-    coefficients: Optional[Tuple[float, float, float, float]] = None
+    coefficients: Optional[Coefficients] = None
+    site: str = ""
     check_error: Optional[float] = None
     verified: bool = True
     runs: int = 1
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+
+
+def _custom_op_impl(func: Any) -> Optional[Callable[..., Any]]:
+    """The Python function behind a ``torch.library.custom_op`` overload, or None for other ops."""
+    if getattr(func, "namespace", "aten") in ("aten", "prim", "prims"):
+        return None
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # torch < 2.4 has no custom_op
+        return None
+    opdef = OPDEFS.get(func._schema.name)
+    return getattr(opdef, "_init_fn", None)
+
+
+def _skipped_dirs() -> Tuple[str, ...]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return (
+        os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+        os.path.join(here, "memory_tracker.py"),
+        os.path.abspath(__file__),
+    )
+
+
+def _call_site(skipped: Tuple[str, ...]) -> Site:
+    """The innermost frames outside torch, the tracker and this module, as ``("file:line", ...)``."""
+    frame = sys._getframe(2)
+    site: List[str] = []
+    while frame is not None and len(site) < _SITE_DEPTH:
+        name = frame.f_code.co_filename
+        if not name.startswith(skipped[0]) and name not in skipped[1:]:
+            site.append(f"{os.path.basename(name)}:{frame.f_lineno}")
+        frame = frame.f_back
+    return tuple(site)
+
+
+def _tracker_class() -> type:
+    from .memory_tracker import LiveBytesTracker
+
+    skipped = _skipped_dirs()
+
+    class _InsideOpsTracker(LiveBytesTracker):
+        """:class:`LiveBytesTracker` that also counts allocations inside Python custom ops, per call site.
+
+        A ``torch.library.custom_op`` (noflash registers its tiled forward and backward as ops for
+        ``torch.compile``) reaches a dispatch mode as one op, and the mode is off while it runs, so a plain
+        tracker only sees the op's outputs. This one runs the op's Python implementation with the tracker
+        active, so every tile inside is counted; under FakeTensorMode the real code then runs on fake
+        tensors instead of the op's fake kernel.
+
+        ``site_peaks`` maps each call site that allocated to the highest live bytes right after it did.
+        """
+
+        def __init__(self, record_sites: bool = False) -> None:
+            super().__init__()
+            self.record_sites = record_sites
+            self.site_peaks: Dict[Site, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            impl = _custom_op_impl(func)
+            if impl is None:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            with self:
+                out = impl(*args, **(kwargs or {}))
+            new, grown = self._collect(func, out, args, kwargs or {})
+            if new or grown:
+                requested = sum(nb for _, nb in new) + sum(nb - ref.nbytes for ref, nb in grown)
+                with self._lock:
+                    self._admit(func, requested)
+                    self._commit(new, grown, requested)
+            return out
+
+        def _commit(self, new, grown, requested) -> None:
+            super()._commit(new, grown, requested)
+            if self.record_sites:
+                site = _call_site(skipped)
+                if self._live > self.site_peaks.get(site, -1):
+                    self.site_peaks[site] = self._live
+
+    return _InsideOpsTracker
+
+
+_TRACKER_CLASS: Optional[type] = None
+
+
+def InsideOpsTracker(record_sites: bool = False):  # noqa: N802 - a lazily built class, used like one
+    """A live-bytes tracker that also sees inside Python custom ops (see the module docstring).
+
+    Args:
+        record_sites: also record the highest live bytes per call site in ``.site_peaks``.
+    """
+    global _TRACKER_CLASS
+    if _TRACKER_CLASS is None:
+        _TRACKER_CLASS = _tracker_class()
+    return _TRACKER_CLASS(record_sites)
+
+
+# ---------------------------------------------------------------------------------------------- fake runs
 
 
 def math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -100,46 +214,68 @@ def _fake_run(
     dtype: torch.dtype,
     device: Union[str, torch.device],
     requires_grad: bool,
-) -> int:
-    """One fake run of ``fn`` (and its backward); returns the tracker's peak."""
+    record_sites: bool = False,
+) -> Tuple[int, Dict[Site, int]]:
+    """One fake run of ``fn`` (and its backward); returns ``(peak, site_peaks)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .memory_tracker import LiveBytesTracker
 
     b, h, length, s, e, ev = shape.batch, shape.heads, shape.q_len, shape.kv_len, shape.head_dim, shape.ev
     grad_ctx = torch.enable_grad() if requires_grad else torch.no_grad()
-    with FakeTensorMode(allow_non_fake_inputs=False), grad_ctx:
+    with FakeTensorMode(), grad_ctx:
         kw = {"dtype": dtype, "device": device}
         q = torch.empty(b, h, length, e, **kw).requires_grad_(requires_grad)
         k = torch.empty(b, h, s, e, **kw).requires_grad_(requires_grad)
         v = torch.empty(b, h, s, ev, **kw).requires_grad_(requires_grad)
         grad_out = torch.empty(b, h, length, ev, **kw) if requires_grad else None
-        with LiveBytesTracker() as tracker:
+        with InsideOpsTracker(record_sites) as tracker:
             out = fn(q, k, v)
             if grad_out is not None:
                 torch.autograd.backward(out, grad_out)
             del out
-        return tracker.peak_bytes
+        return tracker.peak_bytes, dict(tracker.site_peaks)
 
 
-def _fit_bilinear(points: list[tuple[int, int, int]]) -> Tuple[float, float, float, float]:
-    """Solve ``p = a + bL + cS + dLS`` exactly through four points on a 2×2 grid ``(L, S, p)``."""
-    (l1, s1, p11), (_, s2, p12), (l2, _, p21), (_, _, p22) = points
-    # Along S at L1 and at L2, then along L.
-    slope1 = (p12 - p11) / (s2 - s1)  # c + d·L1
-    slope2 = (p22 - p21) / (s2 - s1)  # c + d·L2
-    d = (slope2 - slope1) / (l2 - l1)
-    c = slope1 - d * l1
-    base1 = p11 - slope1 * s1  # a + b·L1
-    base2 = p21 - slope2 * s1  # a + b·L2
-    b = (base2 - base1) / (l2 - l1)
-    a = base1 - b * l1
-    return a, b, c, d
+# ---------------------------------------------------------------------------------------------- fitting
 
 
-def _eval_bilinear(coef: Tuple[float, float, float, float], length: int, s: int) -> float:
+def _fit(points: List[Tuple[int, int, int]], along_l: bool, along_s: bool) -> Coefficients:
+    """Coefficients through 4 grid points ``(L, S, p)``, or 2 points along one axis (the other fixed)."""
+    if along_l and along_s:
+        (l1, s1, p11), (_, s2, p12), (l2, _, p21), (_, _, p22) = points
+        slope1 = (p12 - p11) / (s2 - s1)  # c + d·L1
+        slope2 = (p22 - p21) / (s2 - s1)  # c + d·L2
+        d = (slope2 - slope1) / (l2 - l1)
+        c = slope1 - d * l1
+        base1 = p11 - slope1 * s1  # a + b·L1
+        base2 = p21 - slope2 * s1  # a + b·L2
+        b = (base2 - base1) / (l2 - l1)
+        return base1 - b * l1, b, c, d
+    (l1, s1, p1), (l2, s2, p2) = points
+    if along_l:
+        slope = (p2 - p1) / (l2 - l1)
+        return p1 - slope * l1, slope, 0.0, 0.0
+    slope = (p2 - p1) / (s2 - s1)
+    return p1 - slope * s1, 0.0, slope, 0.0
+
+
+def _evaluate(coef: Coefficients, length: int, s: int) -> float:
     a, b, c, d = coef
     return a + b * length + c * s + d * length * s
+
+
+def _fit_sites(
+    grid: List[Tuple[int, int]], runs: List[Dict[Site, int]], along_l: bool, along_s: bool
+) -> Dict[Site, Coefficients]:
+    """Fit every call site that allocated in all grid runs."""
+    common = set(runs[0])
+    for r in runs[1:]:
+        common &= set(r)
+    return {site: _fit([(li, si, r[site]) for (li, si), r in zip(grid, runs)], along_l, along_s) for site in common}
+
+
+def _predict(fits: Dict[Site, Coefficients], length: int, s: int) -> Tuple[float, Site]:
+    site = max(fits, key=lambda k: _evaluate(fits[k], length, s))
+    return _evaluate(fits[site], length, s), site
 
 
 def fake_peak_bytes(
@@ -149,7 +285,7 @@ def fake_peak_bytes(
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
     requires_grad: bool = False,
-    tile: Optional[Tuple[int, int]] = None,
+    tile: Optional[Tuple[int, Optional[int]]] = None,
     max_direct_tiles: int = 256,
 ) -> FakePeak:
     """Predict the peak bytes ``fn(q, k, v)`` allocates, with no real allocation.
@@ -160,57 +296,75 @@ def fake_peak_bytes(
         shape: the full-size call.
         dtype, device: of the fake inputs.
         requires_grad: include the backward pass (``out.backward(grad)`` with ``grad`` allocated outside).
-        tile: ``(block_m, block_n)`` of ``fn``; ``None`` for untiled code, which is run directly at full size.
+        tile: ``(block_m, block_n)`` of ``fn``; ``block_n=None`` when keys are not tiled (all keys per
+            query block); ``tile=None`` for untiled code, which is run directly at full size.
         max_direct_tiles: run directly at full size when it has at most this many tiles.
 
     Returns:
         A :class:`FakePeak`.
     """
-
-    def run(length: int, s: int) -> int:
-        return _fake_run(fn, shape.with_lengths(length, s), dtype, device, requires_grad)
-
     length, s = shape.q_len, shape.kv_len
-    if tile is None:
-        return FakePeak(run(length, s), "direct")
-    bm, bn = max(1, tile[0]), max(1, tile[1])
-    tiles = math.ceil(length / bm) * math.ceil(s / bn)
-    # Fit on whole blocks, at least two of each so that a first/last-block special case is inside the fit.
-    grid_l = (2 * bm, 3 * bm, 5 * bm)
-    grid_s = (2 * bn, 3 * bn, 5 * bn)
-    if tiles <= max_direct_tiles or length <= grid_l[-1] or s <= grid_s[-1]:
-        return FakePeak(run(length, s), "direct")
 
-    points = [(li, si, run(li, si)) for li in grid_l[:2] for si in grid_s[:2]]
-    coef = _fit_bilinear(points)
-    check = run(grid_l[2], grid_s[2])
-    predicted = _eval_bilinear(coef, grid_l[2], grid_s[2])
-    error = abs(predicted - check) / max(check, 1)
-    if error <= _CHECK_TOLERANCE:
-        peak = int(round(_eval_bilinear(coef, length, s)))
-        return FakePeak(peak, "affine", coef, error, True, runs=5)
+    def run(li: int, si: int, sites: bool = False) -> Tuple[int, Dict[Site, int]]:
+        return _fake_run(fn, shape.with_lengths(li, si), dtype, device, requires_grad, sites)
+
+    if tile is None:
+        return FakePeak(run(length, s)[0], "direct")
+    bm = max(1, tile[0])
+    keys_tiled = tile[1] is not None
+    bn = max(1, tile[1]) if keys_tiled else _UNTILED_KEY_STEP
+    tiles = math.ceil(length / bm) * (math.ceil(s / bn) if keys_tiled else 1)
+    # Fit on whole blocks, at least two of each so that first/last-block special cases are inside the fit.
+    # An axis too short to fit along is held at its real length (the model is then affine in the other).
+    grid_l = (2 * bm, 3 * bm, 5 * bm) if length > 5 * bm else None
+    grid_s = (2 * bn, 3 * bn, 5 * bn) if s > 5 * bn else None
+    if tiles <= max_direct_tiles or (grid_l is None and grid_s is None):
+        return FakePeak(run(length, s)[0], "direct")
+    ls = grid_l or (length,) * 3
+    ss = grid_s or (s,) * 3
+    grid = [(li, si) for li in (ls[:2] if grid_l else ls[:1]) for si in (ss[:2] if grid_s else ss[:1])]
+    fits = _fit_sites(grid, [run(li, si, True)[1] for li, si in grid], grid_l is not None, grid_s is not None)
+    check, _ = run(ls[2], ss[2])
+    nruns = len(grid) + 1
+    error = None
+    if fits:
+        predicted, _ = _predict(fits, ls[2], ss[2])
+        error = abs(predicted - check) / max(check, 1)
+        if error <= _CHECK_TOLERANCE:
+            peak, site = _predict(fits, length, s)
+            return FakePeak(int(round(peak)), "affine", fits[site], " < ".join(site), error, True, nruns)
+    small_enough = tiles <= 16 * max_direct_tiles
     logger.warning(
-        "fake peak: affine model off by %.2f%% at L=%d S=%d for %s; %s",
-        100 * error,
-        grid_l[2],
-        grid_s[2],
+        "fake peak: fitted call sites are off by %s at L=%d S=%d for %s; %s",
+        "?" if error is None else f"{100 * error:.2f}%",
+        ls[2],
+        ss[2],
         getattr(fn, "__name__", fn),
-        "running at full size" if tiles <= 16 * max_direct_tiles else "result is unverified",
+        "running at full size" if small_enough or not fits else "result is unverified",
     )
-    if tiles <= 16 * max_direct_tiles:
-        return FakePeak(run(length, s), "direct", coef, error, True, runs=6)
-    peak = int(round(_eval_bilinear(coef, length, s)))
-    return FakePeak(peak, "affine", coef, error, False, runs=5)
+    if small_enough or not fits:
+        return FakePeak(run(length, s)[0], "direct", None, "", error, True, nruns + 1)
+    peak, site = _predict(fits, length, s)
+    return FakePeak(int(round(peak)), "affine", fits[site], " < ".join(site), error, False, nruns)
+
+
+# ---------------------------------------------------------------------------------------------- front ends
 
 
 def predict_math_peak(
-    shape: AttentionShape, *, dtype: torch.dtype = torch.float32, requires_grad: bool = False
+    shape: AttentionShape,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    requires_grad: bool = False,
 ) -> FakePeak:
     """Peak bytes of torch's math SDPA for ``shape`` (one direct fake run; math has no tiles)."""
-    return fake_peak_bytes(math_sdpa, shape, dtype=dtype, requires_grad=requires_grad)
+    return fake_peak_bytes(math_sdpa, shape, dtype=dtype, device=device, requires_grad=requires_grad)
 
 
-def _full_size_plan(shape: AttentionShape, dtype: torch.dtype, device, requires_grad: bool, budget_bytes):
+def _full_size_plan(
+    shape: AttentionShape, dtype: torch.dtype, device, requires_grad: bool, budget_bytes, tier, block_m, block_n
+):
     """The planner's :class:`~noflash_core.planner.Plan` for ``shape``, computed on fake inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -221,7 +375,16 @@ def _full_size_plan(shape: AttentionShape, dtype: torch.dtype, device, requires_
         q = torch.empty(shape.batch, shape.heads, shape.q_len, shape.head_dim, **kw)
         k = torch.empty(shape.batch, shape.heads, shape.kv_len, shape.head_dim, **kw)
         v = torch.empty(shape.batch, shape.heads, shape.kv_len, shape.ev, **kw)
-        return plan(q, k, v, budget_bytes=budget_bytes, requires_grad=requires_grad)
+        return plan(
+            q,
+            k,
+            v,
+            budget_bytes=budget_bytes,
+            requires_grad=requires_grad,
+            tier=tier,
+            block_m=block_m,
+            block_n=block_n,
+        )
 
 
 def predict_plan_peak(
@@ -234,33 +397,47 @@ def predict_plan_peak(
     tier: Union[str, int] = "auto",
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
+    max_direct_tiles: int = 256,
 ):
-    """Plan ``shape`` like noflash's dispatcher would, then predict that plan's peak with fake runs.
+    """Plan ``shape`` as noflash's dispatcher would, then predict that plan's peak with fake runs.
 
     Args:
-        tier: ``"auto"`` uses the planner's choice; 1, 2 or 3 forces a tier (blocks from the planner
-            unless given).
+        shape, dtype, device, requires_grad: the call.
+        budget_bytes: the planner's budget (default: its own default for ``device``).
+        tier: ``"auto"`` for the planner's choice; 1, 2 or 3 to force a tier.
+        block_m, block_n: force blocks (as for ``scaled_dot_product_attention``).
+        max_direct_tiles: see :func:`fake_peak_bytes` (0 extrapolates whenever the sizes allow).
 
     Returns:
-        ``(plan, FakePeak)``; ``plan`` is the planner's :class:`~noflash_core.planner.Plan` for the auto
-        choice, and the fake run uses ``plan.tier``/blocks unless ``tier``/``block_m``/``block_n`` override
-        them.
+        ``(plan, FakePeak)``: the planner's :class:`~noflash_core.planner.Plan` and the predicted peak of
+        running exactly that plan.
     """
     from .sdpa import scaled_dot_product_attention
 
-    chosen = _full_size_plan(shape, dtype, device, requires_grad, budget_bytes)
-    run_tier = chosen.tier if tier == "auto" else int(tier)
-    bm = block_m or chosen.block_m
-    bn = block_n or chosen.block_n
+    chosen = _full_size_plan(shape, dtype, device, requires_grad, budget_bytes, tier, block_m, block_n)
     budget = chosen.budget_bytes
+    if chosen.tier == 0:
+        # torch's own SDPA on a small problem: no tiles; run it as the dispatcher would.
+        def as_dispatched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return scaled_dot_product_attention(q, k, v, budget_bytes=budget)
+
+        peak = fake_peak_bytes(as_dispatched, shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        return chosen, peak
+    run_tier, bm, bn = chosen.tier, chosen.block_m, chosen.block_n
 
     def fixed_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return scaled_dot_product_attention(
-            q, k, v, tier=run_tier, block_m=bm, block_n=bn, budget_bytes=budget
-        )
+        return scaled_dot_product_attention(q, k, v, tier=run_tier, block_m=bm, block_n=bn, budget_bytes=budget)
 
     fixed_plan.__name__ = f"noflash_tier{run_tier}_{bm}x{bn}"
+    # Tiers 1 and 3 take all keys at once: only the query axis is tiled.
+    tile = (bm, bn if run_tier == 2 else None)
     peak = fake_peak_bytes(
-        fixed_plan, shape, dtype=dtype, device=device, requires_grad=requires_grad, tile=(bm, bn)
+        fixed_plan,
+        shape,
+        dtype=dtype,
+        device=device,
+        requires_grad=requires_grad,
+        tile=tile,
+        max_direct_tiles=max_direct_tiles,
     )
     return chosen, peak
