@@ -1,0 +1,40 @@
+"""Precision policy and pass-through cases: bf16 without bf16 hardware, nested tensors."""
+
+from __future__ import annotations
+
+import torch
+
+import noflash_core as nc
+from noflash_core import tiles
+from noflash_core.tiles import TileMath
+
+
+def test_cpu_keeps_fp32_operands_for_half_inputs():
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(2, 8, dtype=dtype)
+        assert TileMath.for_inputs(x, x, x) == TileMath(torch.float32, torch.float32)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    assert TileMath.for_inputs(x, x, x) == TileMath(torch.float64, torch.float64)
+
+
+def test_bf16_without_hardware_uses_fp16_only_where_values_fit(monkeypatch):
+    # Pretend to be a GPU with fp32-output half matmuls but no bf16 units (e.g. gfx906, RDNA1).
+    monkeypatch.setattr(tiles, "_has_out_dtype_bmm", lambda device_type: True)
+    monkeypatch.setattr(tiles, "_device_has_bf16", lambda device_type, index: False)
+    small = torch.randn(4, 8).bfloat16()
+    assert TileMath.for_inputs(small, small, small).operand_dtype == torch.float16
+    big = (torch.randn(4, 8) * 1e5).bfloat16()  # beyond fp16's 65504: fp16 would make inf
+    assert TileMath.for_inputs(small, big, small).operand_dtype == torch.float32
+    fp16 = torch.randn(4, 8).half()
+    assert TileMath.for_inputs(fp16, fp16, fp16).operand_dtype == torch.float16
+    monkeypatch.setattr(tiles, "_device_has_bf16", lambda device_type, index: True)
+    assert TileMath.for_inputs(small, small, small).operand_dtype == torch.bfloat16
+
+
+def test_nested_tensors_go_to_torch():
+    q = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 7, 8)], layout=torch.jagged).transpose(1, 2)
+    out = nc.scaled_dot_product_attention(q, q, q)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert out.is_nested
+    for a, b in zip(out.unbind(), expected.unbind()):
+        assert torch.allclose(a, b)
