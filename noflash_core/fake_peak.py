@@ -28,14 +28,13 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 __all__ = [
     "AttentionShape",
     "FakePeak",
-    "InsideOpsTracker",
     "fake_peak_bytes",
     "math_sdpa",
     "predict_math_peak",
@@ -103,23 +102,10 @@ class FakePeak:
 # ---------------------------------------------------------------------------------------------- tracking
 
 
-def _custom_op_impl(func: Any) -> Optional[Callable[..., Any]]:
-    """The Python function behind a ``torch.library.custom_op`` overload, or None for other ops."""
-    if getattr(func, "namespace", "aten") in ("aten", "prim", "prims"):
-        return None
-    try:
-        from torch._library.custom_ops import OPDEFS
-    except ImportError:  # torch < 2.4 has no custom_op
-        return None
-    opdef = OPDEFS.get(func._schema.name)
-    return getattr(opdef, "_init_fn", None)
-
-
-def _skipped_dirs() -> Tuple[str, ...]:
-    here = os.path.dirname(os.path.abspath(__file__))
+def _skipped_files() -> Tuple[str, ...]:
     return (
         os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-        os.path.join(here, "memory_tracker.py"),
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_tracker.py"),
         os.path.abspath(__file__),
     )
 
@@ -136,65 +122,41 @@ def _call_site(skipped: Tuple[str, ...]) -> Site:
     return tuple(site)
 
 
-def _tracker_class() -> type:
+def _site_tracker_class() -> type:
     from .memory_tracker import LiveBytesTracker
 
-    skipped = _skipped_dirs()
+    skipped = _skipped_files()
 
-    class _InsideOpsTracker(LiveBytesTracker):
-        """:class:`LiveBytesTracker` that also counts allocations inside Python custom ops, per call site.
+    class _SiteTracker(LiveBytesTracker):
+        """:class:`LiveBytesTracker` that also records, per call site, the highest live bytes right after an
+        allocation there (``site_peaks``)."""
 
-        A ``torch.library.custom_op`` (noflash registers its tiled forward and backward as ops for
-        ``torch.compile``) reaches a dispatch mode as one op, and the mode is off while it runs, so a plain
-        tracker only sees the op's outputs. This one runs the op's Python implementation with the tracker
-        active, so every tile inside is counted; under FakeTensorMode the real code then runs on fake
-        tensors instead of the op's fake kernel.
-
-        ``site_peaks`` maps each call site that allocated to the highest live bytes right after it did.
-        """
-
-        def __init__(self, record_sites: bool = False) -> None:
+        def __init__(self) -> None:
             super().__init__()
-            self.record_sites = record_sites
             self.site_peaks: Dict[Site, int] = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            impl = _custom_op_impl(func)
-            if impl is None:
-                return super().__torch_dispatch__(func, types, args, kwargs)
-            with self:
-                out = impl(*args, **(kwargs or {}))
-            new, grown = self._collect(func, out, args, kwargs or {})
-            if new or grown:
-                requested = sum(nb for _, nb in new) + sum(nb - ref.nbytes for ref, nb in grown)
-                with self._lock:
-                    self._admit(func, requested)
-                    self._commit(new, grown, requested)
-            return out
 
         def _commit(self, new, grown, requested) -> None:
             super()._commit(new, grown, requested)
-            if self.record_sites:
-                site = _call_site(skipped)
-                if self._live > self.site_peaks.get(site, -1):
-                    self.site_peaks[site] = self._live
+            site = _call_site(skipped)
+            if self._live > self.site_peaks.get(site, -1):
+                self.site_peaks[site] = self._live
 
-    return _InsideOpsTracker
-
-
-_TRACKER_CLASS: Optional[type] = None
+    return _SiteTracker
 
 
-def InsideOpsTracker(record_sites: bool = False):  # noqa: N802 - a lazily built class, used like one
-    """A live-bytes tracker that also sees inside Python custom ops (see the module docstring).
+_SITE_TRACKER: Optional[type] = None
 
-    Args:
-        record_sites: also record the highest live bytes per call site in ``.site_peaks``.
-    """
-    global _TRACKER_CLASS
-    if _TRACKER_CLASS is None:
-        _TRACKER_CLASS = _tracker_class()
-    return _TRACKER_CLASS(record_sites)
+
+def _tracker(record_sites: bool):
+    """A live-bytes tracker; with ``record_sites`` one that also fills ``.site_peaks``."""
+    global _SITE_TRACKER
+    if not record_sites:
+        from .memory_tracker import LiveBytesTracker
+
+        return LiveBytesTracker()
+    if _SITE_TRACKER is None:
+        _SITE_TRACKER = _site_tracker_class()
+    return _SITE_TRACKER()
 
 
 # ---------------------------------------------------------------------------------------------- fake runs
@@ -227,12 +189,12 @@ def _fake_run(
         k = torch.empty(b, h, s, e, **kw).requires_grad_(requires_grad)
         v = torch.empty(b, h, s, ev, **kw).requires_grad_(requires_grad)
         grad_out = torch.empty(b, h, length, ev, **kw) if requires_grad else None
-        with InsideOpsTracker(record_sites) as tracker:
+        with _tracker(record_sites) as tracker:
             out = fn(q, k, v)
             if grad_out is not None:
                 torch.autograd.backward(out, grad_out)
             del out
-        return tracker.peak_bytes, dict(tracker.site_peaks)
+        return tracker.peak_bytes, dict(getattr(tracker, "site_peaks", {}))
 
 
 # ---------------------------------------------------------------------------------------------- fitting

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .fake_peak import AttentionShape, InsideOpsTracker, predict_math_peak, predict_plan_peak
+from .fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
+from .memory_tracker import LiveBytesTracker
 from .model_families import AttentionStage, ModelFamily, get_family
 
 __all__ = ["AttentionEstimate", "FFNEstimate", "RunEstimate", "estimate_run", "format_bytes"]
@@ -221,7 +222,7 @@ def _estimate_ffn(
         module = _ffn_module(kind, dim, stage.ffn_dim, dtype, device)
         x = torch.empty(batch, tokens, dim, dtype=dtype, device=device)
         for fn in (module, chunked_forward(module, chunks)):
-            with InsideOpsTracker() as tracker:
+            with LiveBytesTracker() as tracker:
                 out = fn(x)
                 del out
             peaks.append(tracker.peak_bytes)

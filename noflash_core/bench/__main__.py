@@ -36,33 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m noflash_core.bench",
         description="Time and memory of math SDPA, torch SDPA, noflash tiers and ComfyUI attention.",
     )
-    p.add_argument(
-        "--quick", action="store_true", help=f"N in {list(QUICK_SIZES)}, 3 repeats (minutes on 2 cores)"
-    )
+    p.add_argument("--quick", action="store_true", help=f"N in {list(QUICK_SIZES)}, 3 repeats (minutes on 2 cores)")
     p.add_argument("--sizes", "-n", type=parse_sizes, help=f"comma list of N (default {list(DEFAULT_SIZES)})")
     p.add_argument("--batch", "-B", type=int, default=1)
     p.add_argument("--heads", "-H", type=int, default=16)
     p.add_argument("--head-dim", "-D", type=int, default=64)
-    p.add_argument(
-        "--dtype", type=parse_dtype, help="fp32, fp16, bf16, fp64 (default fp32 on CPU, fp16 on GPU)"
-    )
+    p.add_argument("--dtype", type=parse_dtype, help="fp32, fp16, bf16, fp64 (default fp32 on CPU, fp16 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, xpu, mps (default: the accelerator if any, else cpu)")
-    p.add_argument(
-        "--impls", type=_csv, default=list(ALL_IMPLS), help=f"comma list from {','.join(ALL_IMPLS)}"
-    )
-    p.add_argument(
-        "--modes", type=_csv, default=["fwd", "fwd+bwd"], help="fwd, fwd+bwd or both (default both)"
-    )
+    p.add_argument("--impls", type=_csv, default=list(ALL_IMPLS), help=f"comma list from {','.join(ALL_IMPLS)}")
+    p.add_argument("--modes", type=_csv, default=["fwd", "fwd+bwd"], help="fwd, fwd+bwd or both (default both)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    p.add_argument(
-        "--repeats", type=int, help="timed calls per cell; the median is reported (default 5, quick 3)"
-    )
-    p.add_argument(
-        "--time-cap", type=float, help="seconds: skip a cell predicted slower (default 60, quick 20)"
-    )
-    p.add_argument(
-        "--mem-cap", type=parse_bytes, help="skip O(N²) cells predicted above this (default: half free)"
-    )
+    p.add_argument("--repeats", type=int, help="timed calls per cell; the median is reported (default 5, quick 3)")
+    p.add_argument("--time-cap", type=float, help="seconds: skip a cell predicted slower (default 60, quick 20)")
+    p.add_argument("--mem-cap", type=parse_bytes, help="skip O(N²) cells predicted above this (default: half free)")
     p.add_argument("--threads", type=int, help="torch threads for every implementation (default: torch's)")
     p.add_argument("--comfy", metavar="PATH", help="ComfyUI checkout to import its attention from")
     p.add_argument("--out", default=os.path.join("bench", "out"), help="output folder (default bench/out)")

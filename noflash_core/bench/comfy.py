@@ -8,6 +8,7 @@ installed, empty stand-in modules are registered for the import to succeed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -66,10 +67,11 @@ def load_comfy_attention(
         return {}, "ComfyUI is not importable (pass --comfy PATH to a checkout)"
     try:
         _stub_torchvision()
-        cli_args = importlib.import_module("comfy.cli_args")
-        if device.type == "cpu":
-            cli_args.args.cpu = True
-        attention = importlib.import_module("comfy.ldm.modules.attention")
+        with contextlib.redirect_stdout(sys.stderr):  # ComfyUI prints its device report at import
+            cli_args = importlib.import_module("comfy.cli_args")
+            if device.type == "cpu":
+                cli_args.args.cpu = True
+            attention = importlib.import_module("comfy.ldm.modules.attention")
     except Exception as exc:  # noqa: BLE001 - any import failure just means "not available"
         logger.warning("ComfyUI import failed: %s", exc)
         return {}, f"ComfyUI import failed: {type(exc).__name__}: {exc}"

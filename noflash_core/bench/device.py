@@ -30,7 +30,8 @@ class PeakMemory:
     """Peak bytes allocated inside the context, above what was allocated on entry.
 
     CUDA/ROCm and XPU use the caching allocator's ``max_memory_allocated``; every other device (CPU, MPS) uses
-    :class:`~noflash_core.memory_tracker.LiveBytesTracker`, which counts tensor storages exactly.
+    :class:`~noflash_core.memory_tracker.LiveBytesTracker`, which counts tensor storages exactly (including
+    those allocated inside custom ops).
 
     Attributes:
         peak_bytes: set on exit.
@@ -67,36 +68,11 @@ class PeakMemory:
             self.peak_bytes = int(self._tracker.peak_bytes)
 
 
-def _meminfo_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def free_memory_bytes(device: torch.device) -> Optional[int]:
-    """Free memory of ``device`` in bytes (``None`` when unknown).
+    """Free memory of ``device`` in bytes (``None`` when unknown), as noflash's budget sees it."""
+    from ..device import free_memory_bytes as _free
 
-    Uses noflash's ``device_report`` when it is available, so the benchmark sees the planner's number.
-    """
-    try:
-        from ..device import device_report
-
-        free = device_report(device).get("free_bytes")
-        if free:
-            return int(free)
-    except Exception:  # noqa: BLE001 - the report is optional here; fall back to the direct query
-        pass
-    if device.type == "cpu":
-        return _meminfo_available()
-    backend = _backend(device)
-    if backend is not None and hasattr(backend, "mem_get_info"):
-        return int(backend.mem_get_info(device)[0])
-    return None
+    return _free(device)
 
 
 def _cpu_model() -> str:

@@ -12,7 +12,7 @@ import torch
 from .device import PeakMemory, synchronize
 from .runners import Implementation
 
-__all__ = ["Inputs", "Measurement", "make_inputs", "measure_cell"]
+__all__ = ["Inputs", "Measurement", "finish", "first_call", "make_inputs", "measure_cell", "timed_call"]
 
 
 @dataclass
@@ -82,6 +82,47 @@ def _call(impl: Implementation, inputs: Inputs, backward: bool, keep_output: boo
     return out if keep_output else None
 
 
+def first_call(
+    impl: Implementation,
+    inputs: Inputs,
+    *,
+    backward: bool,
+    device: torch.device,
+    warmup: int = 1,
+    keep_output: bool = False,
+) -> Measurement:
+    """The untimed warm-up calls; the first one measures peak memory (and keeps the output if asked).
+
+    Memory is measured on an untimed call, so the tracker's dispatch overhead never enters the times.
+    """
+    result = Measurement()
+    with PeakMemory(device) as mem:
+        out = _call(impl, inputs, backward, keep_output)
+    result.peak_bytes = mem.peak_bytes
+    result.memory_method = mem.method
+    result.output = out
+    del out
+    for _ in range(max(0, warmup - 1)):
+        _call(impl, inputs, backward, False)
+    return result
+
+
+def timed_call(impl: Implementation, inputs: Inputs, *, backward: bool, device: torch.device) -> float:
+    """Seconds for one call, synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    _call(impl, inputs, backward, False)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def finish(result: Measurement) -> Measurement:
+    """Set the median from the timed calls."""
+    if result.times_s:
+        result.median_s = statistics.median(result.times_s)
+    return result
+
+
 def measure_cell(
     impl: Implementation,
     inputs: Inputs,
@@ -94,33 +135,17 @@ def measure_cell(
     time_cap_s: float = 60.0,
     keep_output: bool = False,
 ) -> Measurement:
-    """Warm up (the first call measures peak memory), then time up to ``repeats`` calls.
+    """One implementation alone: warm up (memory on the first call), then time up to ``repeats`` calls.
 
     Timing stops early, after at least ``min_repeats`` calls, once the timed calls have taken ``time_cap_s``.
-    Memory is measured on an untimed call, so the tracker's dispatch overhead never enters the times.
+    The suite interleaves implementations instead (see ``suite``); this is the single-cell form.
     """
-    result = Measurement()
-    with PeakMemory(device) as mem:
-        out = _call(impl, inputs, backward, keep_output)
-    result.peak_bytes = mem.peak_bytes
-    result.memory_method = mem.method
-    result.output = out
-    del out
-    for _ in range(max(0, warmup - 1)):
-        _call(impl, inputs, backward, False)
-    spent = 0.0
+    result = first_call(impl, inputs, backward=backward, device=device, warmup=warmup, keep_output=keep_output)
     for i in range(max(1, repeats)):
-        if i >= min_repeats and spent >= time_cap_s:
+        if i >= min_repeats and sum(result.times_s) >= time_cap_s:
             break
-        synchronize(device)
-        start = time.perf_counter()
-        _call(impl, inputs, backward, False)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-        result.times_s.append(elapsed)
-        spent += elapsed
-    result.median_s = statistics.median(result.times_s)
+        result.times_s.append(timed_call(impl, inputs, backward=backward, device=device))
     if backward:
         for t in (inputs.q, inputs.k, inputs.v):
             t.grad = None
-    return result
+    return finish(result)

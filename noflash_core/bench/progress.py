@@ -32,9 +32,7 @@ class ProgressBar:
         width: bar width in characters.
     """
 
-    def __init__(
-        self, total: int, stream: Optional[TextIO] = None, enabled: bool = True, width: int = 24
-    ) -> None:
+    def __init__(self, total: int, stream: Optional[TextIO] = None, enabled: bool = True, width: int = 24) -> None:
         self.total = max(1, total)
         self.done = 0
         self.stream = stream if stream is not None else sys.stderr

@@ -74,9 +74,7 @@ def _header(result: BenchResult, command: Optional[str]) -> List[str]:
         f"- Problem: q, k, v = (B={cfg['batch']}, H={cfg['heads']}, N, D={cfg['head_dim']}), {cfg['dtype']}, "
         "self-attention, no mask."
     )
-    method = (
-        "live-bytes tracker" if m.get("device", "cpu").startswith(("cpu", "mps")) else "max_memory_allocated"
-    )
+    method = "live-bytes tracker" if m.get("device", "cpu").startswith(("cpu", "mps")) else "max_memory_allocated"
     lines.append(
         f"- Time: median of up to {cfg['repeats']} calls after {cfg['warmup']} warm-up. Memory: peak bytes "
         f"allocated inside the call ({method}); inputs excluded, output and gradients included."
@@ -118,9 +116,7 @@ def _auto_table(result: BenchResult) -> List[str]:
     if "noflash-auto" not in result.impls:
         return []
     lines = ["## noflash auto against math SDPA and torch's default SDPA", ""]
-    lines.append(
-        "| N | mode | auto | math | torch default | auto speed-up over math | auto time / torch time |"
-    )
+    lines.append("| N | mode | auto | math | torch default | auto speed-up over math | auto time / torch time |")
     lines.append("|---|---|---|---|---|---|---|")
     for n in result.config["sizes"]:
         for mode in result.config["modes"]:
@@ -180,9 +176,7 @@ def render_markdown(result: BenchResult, command: Optional[str] = None, plots: S
     return "\n".join(lines)
 
 
-def write_markdown(
-    result: BenchResult, path: str, command: Optional[str] = None, plots: Sequence[str] = ()
-) -> str:
+def write_markdown(result: BenchResult, path: str, command: Optional[str] = None, plots: Sequence[str] = ()) -> str:
     """Write :func:`render_markdown` to ``path``; returns the path."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(render_markdown(result, command, plots))

@@ -116,9 +116,7 @@ def build_implementations(
         if name == "math":
             available[name] = Implementation(name, math_sdpa, True, True, "torch SDPA, math backend")
         elif name == "torch":
-            label = (
-                "torch SDPA default (fused kernel)" if fused else "torch SDPA default (no fused kernel: math)"
-            )
+            label = "torch SDPA default (fused kernel)" if fused else "torch SDPA default (no fused kernel: math)"
             available[name] = Implementation(name, torch_default_sdpa, True, not fused, label)
         elif name.startswith("noflash-"):
             if noflash_reason:
@@ -134,9 +132,7 @@ def build_implementations(
             if fn is None:
                 missing[name] = comfy_reason or "ComfyUI attention not found"
                 continue
-            label = {"comfy-subquad": "ComfyUI attention_sub_quad", "comfy-split": "ComfyUI attention_split"}[
-                name
-            ]
+            label = {"comfy-subquad": "ComfyUI attention_sub_quad", "comfy-split": "ComfyUI attention_split"}[name]
             available[name] = Implementation(name, fn, True, True, label)
         else:
             missing[name] = "unknown implementation"

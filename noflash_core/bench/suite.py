@@ -13,7 +13,7 @@ import torch
 
 from .config import BenchConfig
 from .device import describe_machine, free_memory_bytes
-from .measure import make_inputs, measure_cell
+from .measure import finish, first_call, make_inputs, timed_call
 from .progress import ProgressBar
 from .runners import Implementation, build_implementations, fused_sdpa_available, torch_default_sdpa
 
@@ -145,11 +145,7 @@ def _reference(inputs, impls: Dict[str, Implementation], skipper: _Skipper, n: i
             not fused_sdpa_available(inputs.q.device.type, inputs.q.dtype, inputs.q.shape[-1]),
             "",
         )
-    if (
-        ref_impl.quadratic
-        and skipper.mem_cap is not None
-        and skipper.quadratic_bytes(n, False) > skipper.mem_cap
-    ):
+    if ref_impl.quadratic and skipper.mem_cap is not None and skipper.quadratic_bytes(n, False) > skipper.mem_cap:
         return None
     with torch.no_grad():
         return ref_impl.fn(inputs.q, inputs.k, inputs.v)
@@ -189,26 +185,10 @@ def _run(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, progress: b
     bar = ProgressBar(len(cfg.sizes) * len(cfg.modes) * len(impls), enabled=progress)
     for n in cfg.sizes:
         for mode in cfg.modes:
-            backward = mode == "fwd+bwd"
-            inputs = make_inputs(
-                cfg.batch,
-                cfg.heads,
-                n,
-                cfg.head_dim,
-                dtype=dtype,
-                device=device,
-                backward=backward,
-                seed=cfg.seed,
-            )
-            ref = _reference(inputs, impls, skipper, n) if (cfg.check and not backward) else None
-            for impl in impls.values():
-                bar.show(f"{impl.name} {mode} N={n}")
-                cell = _run_cell(cfg, impl, mode, n, inputs, ref, skipper, device)
-                cells.append(cell)
+            row = _run_row(cfg, list(impls.values()), mode, n, skipper, device, dtype, bar)
+            cells.extend(row)
+            for cell in row:
                 skipper.record(cell)
-                bar.step(_summary(cell))
-                _free(device)
-            del inputs, ref
             _free(device)
     bar.close()
     return BenchResult(
@@ -229,48 +209,79 @@ def _summary(cell: CellResult) -> str:
     return f"{cell.impl} {cell.mode} N={cell.n}: {cell.median_ms:.1f} ms, {mib:.0f} MiB"
 
 
-def _run_cell(
+def _run_row(
     cfg: BenchConfig,
-    impl: Implementation,
+    impls: List[Implementation],
     mode: str,
     n: int,
-    inputs,
-    ref: Optional[torch.Tensor],
     skipper: _Skipper,
     device: torch.device,
-) -> CellResult:
+    dtype: torch.dtype,
+    bar: ProgressBar,
+) -> List[CellResult]:
+    """All implementations at one (N, mode), timed in interleaved rounds.
+
+    Every implementation is warmed up first (its first call measures memory); then each round times one call
+    of each, so a change in machine load during the row hits every implementation alike.
+    """
     backward = mode == "fwd+bwd"
-    if backward and not impl.backward:
-        return CellResult(impl.name, mode, n, "unsupported", note="forward only")
-    why = skipper.reason(impl, mode, n)
-    if why:
-        return CellResult(impl.name, mode, n, "skipped", note=why)
-    try:
-        m = measure_cell(
-            impl,
-            inputs,
-            backward=backward,
-            device=device,
-            warmup=cfg.warmup,
-            repeats=cfg.repeats,
-            min_repeats=cfg.min_repeats,
-            time_cap_s=cfg.time_cap_s,
-            keep_output=ref is not None,
-        )
-    except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
-        logger.warning("%s %s N=%d failed: %s", impl.name, mode, n, exc)
-        return CellResult(impl.name, mode, n, "error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
-    err = None
-    if ref is not None and m.output is not None:
-        err = float((m.output.float() - ref.float()).abs().max())
-    return CellResult(
-        impl.name,
-        mode,
-        n,
-        "ok",
-        median_ms=round(m.median_s * 1000, 4),
-        times_ms=[round(t * 1000, 4) for t in m.times_s],
-        peak_bytes=m.peak_bytes,
-        memory_method=m.memory_method,
-        max_abs_err=err,
+    inputs = make_inputs(
+        cfg.batch, cfg.heads, n, cfg.head_dim, dtype=dtype, device=device, backward=backward, seed=cfg.seed
     )
+    ref = _reference(inputs, {i.name: i for i in impls}, skipper, n) if (cfg.check and not backward) else None
+    cells: Dict[str, CellResult] = {}
+    active: Dict[str, tuple] = {}
+    for impl in impls:
+        if backward and not impl.backward:
+            cells[impl.name] = CellResult(impl.name, mode, n, "unsupported", note="forward only")
+            continue
+        why = skipper.reason(impl, mode, n)
+        if why:
+            cells[impl.name] = CellResult(impl.name, mode, n, "skipped", note=why)
+            continue
+        bar.show(f"{impl.name} {mode} N={n}: warm-up")
+        try:
+            m = first_call(
+                impl, inputs, backward=backward, device=device, warmup=cfg.warmup, keep_output=ref is not None
+            )
+        except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
+            cells[impl.name] = _error(impl, mode, n, exc)
+            _free(device)
+            continue
+        err = None
+        if ref is not None and m.output is not None:
+            err = float((m.output.float() - ref.float()).abs().max())
+        m.output = None
+        active[impl.name] = (impl, m, err)
+    for round_index in range(max(1, cfg.repeats)):
+        for name, (impl, m, _) in list(active.items()):
+            if round_index >= cfg.min_repeats and sum(m.times_s) >= cfg.time_cap_s:
+                continue
+            bar.show(f"{name} {mode} N={n}: call {round_index + 1}/{cfg.repeats}")
+            try:
+                m.times_s.append(timed_call(impl, inputs, backward=backward, device=device))
+            except Exception as exc:  # noqa: BLE001
+                cells[name] = _error(impl, mode, n, exc)
+                del active[name]
+    for name, (_, m, err) in active.items():
+        finish(m)
+        cells[name] = CellResult(
+            name,
+            mode,
+            n,
+            "ok",
+            median_ms=round(m.median_s * 1000, 4),
+            times_ms=[round(t * 1000, 4) for t in m.times_s],
+            peak_bytes=m.peak_bytes,
+            memory_method=m.memory_method,
+            max_abs_err=err,
+        )
+    ordered = [cells[i.name] for i in impls]
+    for cell in ordered:
+        bar.step(_summary(cell))
+    return ordered
+
+
+def _error(impl: Implementation, mode: str, n: int, exc: BaseException) -> CellResult:
+    logger.warning("%s %s N=%d failed: %s", impl.name, mode, n, exc)
+    return CellResult(impl.name, mode, n, "error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
