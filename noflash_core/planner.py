@@ -185,7 +185,7 @@ def candidate_plans(
     s = problem.dims[4]
     for tier in order:
         bm0 = block_m or _preferred_block_m(problem, tier, device_class)
-        bn0 = (block_n or _preferred_block_n(problem, device_class)) if tier == 2 else s
+        bn0 = (block_n or _preferred_block_n(problem, device_class)) if tier == 2 else max(s, 1)
         for bm in _block_ladder(bm0):
             bns = _block_ladder(bn0) if tier == 2 else [bn0]
             for bn in bns:

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import telemetry
 from .attention_op import attention_forward_op, run_forward
@@ -28,6 +29,15 @@ original_sdpa = F.scaled_dot_product_attention
 """torch's own SDPA as it was when noflash_core was imported (the global patch never changes this name)."""
 
 _fp32_note_logged = False
+
+
+def _math_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> torch.Tensor:
+    """torch's SDPA pinned to the math backend: the fast path keeps math's semantics on every device (torch's
+    fused CPU kernel differs from math on inf/NaN inputs and rejects 1-D masks)."""
+    if torch.compiler.is_compiling():
+        return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    with sdpa_kernel(SDPBackend.MATH):
+        return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 def _check_tier(tier: TierArg) -> TierArg:
@@ -212,9 +222,7 @@ def scaled_dot_product_attention(
         block_m=block_m, block_n=block_n,
     )
     if first.tier == 0:
-        if attn_mask is not None and attn_mask.dim() < 2:
-            attn_mask = attn_mask.unsqueeze(0)  # torch's fused CPU kernel rejects 1-D masks that math accepts
-        out = original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        out = _math_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         used = first
     else:
         _note_fp32(query)

@@ -33,6 +33,11 @@ def tier1_forward(
     vo = tm.operand(v)
     out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, g, length, dtype=tm.acc_dtype, device=q.device) if need_lse else None
+    if s == 0:  # no keys: every row is empty, as in torch
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
     can_die = problem.mask is not None
     heads = head_index(b, h, g, q.device) if dropout is not None else None
     for i0 in range(0, length, block_m):

@@ -43,6 +43,8 @@ def tier3_forward(
     b, h, g, length, s, e, ev = problem.dims
     tm = TileMath.for_inputs(q, k, v)
     out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
+    if s == 0:  # no keys: every row is empty, as in torch
+        return out.zero_()
     rows = g * min(block_m, length)
     scratch = torch.empty(rows * s, dtype=tm.acc_dtype, device=q.device)
     ob_buf = torch.empty(rows * ev, dtype=tm.acc_dtype, device=q.device)

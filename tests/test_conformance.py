@@ -252,3 +252,28 @@ def test_empty_sequences():
     q, k, v = _qkv((1, 2, 0, 16), (1, 2, 5, 16))
     for tier in (1, 2, 3):
         assert sdpa(q, k, v, tier=tier).shape == (1, 2, 0, 16)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_no_keys_gives_zero(tier, is_causal):
+    q, k, v = _qkv((2, 3, 20, 8), (2, 3, 0, 8), dtype=torch.float64)
+    out = sdpa(q, k, v, tier=tier, is_causal=is_causal)
+    assert torch.equal(out, math_sdpa(q, k, v, is_causal=is_causal))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_nan_and_inf_inputs_propagate_like_math(tier):
+    # torch's fused CPU kernel returns 0 here; the math backend (our reference) returns NaN.
+    _, k, v = _qkv((1, 1, 3, 4), (1, 1, 6, 4), dtype=torch.float64)
+    for fill in (float("nan"), float("inf")):
+        q = torch.full((1, 1, 3, 4), fill, dtype=torch.float64)
+        out = sdpa(q, k, v, tier=tier)
+        assert torch.isnan(out).all() and torch.isnan(math_sdpa(q, k, v)).all()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_masks_mixing_broadcast_and_full_batch_dims(tier):
+    q, k, v = _qkv((2, 3, 4, 20, 8), (2, 3, 4, 30, 8), dtype=torch.float64)
+    for m in (torch.rand(2, 1, 4, 20, 30) > 0.3, torch.randn(1, 3, 1, 20, 30, dtype=torch.float64)):
+        assert_close_to_reference(_run(tier, q, k, v, m), q, k, v, m)
