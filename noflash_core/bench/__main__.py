@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-cap", type=float, help="seconds: skip a cell predicted slower (default 60, quick 20)")
     p.add_argument("--mem-cap", type=parse_bytes, help="skip O(N²) cells predicted above this (default: half free)")
     p.add_argument("--threads", type=int, help="torch threads for every implementation (default: torch's)")
-    p.add_argument("--comfy", metavar="PATH", help="ComfyUI checkout to import its attention from")
+    p.add_argument(
+        "--comfy",
+        metavar="PATH",
+        default=os.environ.get("COMFYUI_PATH") or None,
+        help="ComfyUI checkout to import its attention from (default: $COMFYUI_PATH)",
+    )
     p.add_argument("--out", default=os.path.join("bench", "out"), help="output folder (default bench/out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
