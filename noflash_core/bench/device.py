@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "describe_machine", "free_memory_bytes", "synchronize"]
+__all__ = ["PeakMemory", "describe_machine", "free_memory_bytes", "load_average", "synchronize"]
 
 # Devices whose caching allocator keeps a peak counter we can reset.
 _ALLOCATOR_PEAK = ("cuda", "xpu")
@@ -75,6 +75,14 @@ def free_memory_bytes(device: torch.device) -> Optional[int]:
     return _free(device)
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none). Above the core count, CPU timings are unreliable."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -96,6 +104,7 @@ def describe_machine(device: torch.device) -> Dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_at_start": load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -68,6 +68,7 @@ def _plot(result: BenchResult, what: str, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - used through the matplotlib namespace
 
     modes = list(result.config["modes"])
     fig, axes = plt.subplots(1, len(modes), figsize=(6.4 * len(modes), 4.8), squeeze=False)
@@ -87,6 +88,10 @@ def _plot(result: BenchResult, what: str, path: str) -> str:
             lw = 2.4 if impl == "noflash-auto" else 1.4
             ax.plot(xs, ys, marker=marker, color=color, linewidth=lw, label=impl)
         ax.set_xscale("log", base=2)
+        sizes = list(result.config["sizes"])
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(n) for n in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if what == "speedup":
             ax.axhline(1.0, color="#888888", linestyle="--", linewidth=1)
         else:

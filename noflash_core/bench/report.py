@@ -80,6 +80,15 @@ def _header(result: BenchResult, command: Optional[str]) -> List[str]:
         f"allocated inside the call ({method}); inputs excluded, output and gradients included."
     )
     lines.append(f"- Started {result.started}, took {result.duration_s:.0f} s.")
+    loads = [m.get("load_at_start"), m.get("load_at_end")]
+    if all(isinstance(x, (int, float)) for x in loads):
+        lines.append(f"- Load average at start / end: {loads[0]:.2f} / {loads[1]:.2f}.")
+        cores = m.get("cpu_count") or 1
+        if m.get("device") == "cpu" and max(loads) > float(cores) + 1:
+            lines.append(
+                "- **Warning:** the machine was busy during the run; CPU times are unreliable (ratios within a row "
+                "are timed in interleaved rounds and hold up better)."
+            )
     if command:
         lines.append(f"- Command: `{command}`")
     lines.append("")

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .config import BenchConfig
-from .device import describe_machine, free_memory_bytes
+from .device import describe_machine, free_memory_bytes, load_average
 from .measure import finish, first_call, make_inputs, timed_call
 from .progress import ProgressBar
 from .runners import Implementation, build_implementations, fused_sdpa_available, torch_default_sdpa
@@ -191,6 +191,7 @@ def _run(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, progress: b
                 skipper.record(cell)
             _free(device)
     bar.close()
+    machine["load_at_end"] = load_average()
     return BenchResult(
         config=config,
         machine=machine,
