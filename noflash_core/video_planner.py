@@ -34,6 +34,7 @@ from .model_families import AttentionStage, ModelFamily, get_family
 __all__ = ["AttentionEstimate", "FFNEstimate", "RunEstimate", "estimate_run", "format_bytes"]
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 _UNLIMITED = 1 << 60
 _MAX_FFN_CHUNKS = 64  # past this, per-chunk overhead grows and the output buffer dominates anyway
 _GiB = 1024**3
@@ -303,7 +304,7 @@ def _parse_dtype(dtype: Union[str, torch.dtype]) -> Tuple[str, torch.dtype]:
         if dtype not in names:
             raise ValueError(f"dtype {dtype} is not supported; use fp16, bf16 or fp32")
         return names[dtype], dtype
-    key = dtype.strip().lower().replace("float", "fp").replace("bfloat", "bf").replace("half", "fp16")
+    key = _DTYPE_ALIASES.get(dtype.strip().lower().replace("torch.", ""), dtype.strip().lower())
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
     return key, _DTYPES[key]

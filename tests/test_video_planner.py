@@ -89,6 +89,13 @@ def test_weights_that_do_not_fit_are_streamed():
     assert any("streamed" in n for n in est.notes)
 
 
+def test_dtype_names():
+    from noflash_core.video_planner import _parse_dtype
+
+    assert _parse_dtype("bfloat16")[0] == _parse_dtype("BF16")[0] == "bf16"
+    assert _parse_dtype("torch.float16")[0] == "fp16" and _parse_dtype("float32")[0] == "fp32"
+
+
 def test_format_bytes():
     assert format_bytes(512 * 1024**2) == "512 MiB"
     assert format_bytes(71.44e9) == "66.5 GiB"
