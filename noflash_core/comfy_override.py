@@ -153,7 +153,13 @@ def _bind_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> _Call:
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(b, n, h*d)`` → ``(b, h, n, d)`` (a view where strides allow)."""
+    """``(b, n, h*d)`` → ``(b, h, n, d)`` (a view where strides allow).
+
+    A tensor with more dims, such as SD3's value ``(b, n, h, d)``, is first flattened to ``(b, n, h*d)``: ComfyUI's
+    own implementations ``reshape(b, -1, heads, dim_head)`` every operand, which reads it the same way.
+    """
+    if t.dim() > 3:
+        t = t.flatten(2)
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
 
 
@@ -165,9 +171,10 @@ def _to_bhnd(call: _Call) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Te
     if call.skip_reshape:
         return (q, k, v) if q.dim() == k.dim() == v.dim() == 4 else None
     heads = call.heads
-    if heads is None or heads <= 0 or not q.dim() == k.dim() == v.dim() == 3:
+    if heads is None or heads <= 0 or q.dim() != 3 or min(k.dim(), v.dim()) < 3:
         return None
-    if q.shape[-1] % heads or k.shape[-1] % heads or v.shape[-1] % heads:
+    widths = [q.shape[-1]] + [t.shape[2:].numel() for t in (k, v)]
+    if any(w % heads for w in widths) or q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
         return None
     return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
 
@@ -221,6 +228,35 @@ def _describe(q: torch.Tensor, k: torch.Tensor, path: str, tier: int, blocks: Tu
         dtype=str(q.dtype),
         device=str(q.device),
         reason=reason,
+    )
+
+
+_warned_forms: set = set()
+
+
+def _shape_of(t: Any) -> Tuple[int, ...]:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+
+def _warn_unknown_form(call: _Call) -> None:
+    """Log once per call form that the override did not understand (it then runs ComfyUI's own attention)."""
+    form = (_shape_of(call.q)[1:], _shape_of(call.k)[1:], _shape_of(call.v)[1:], call.heads, call.skip_reshape)
+    if form not in _warned_forms:
+        _warned_forms.add(form)
+        logger.warning(
+            "noflash: attention call not understood (q %s, k %s, v %s, heads=%s, skip_reshape=%s); "
+            "ComfyUI's own attention runs it", *(_shape_of(t) for t in (call.q, call.k, call.v)), call.heads,
+            call.skip_reshape,
+        )
+
+
+def _describe_unknown(call: _Call) -> AttentionCall:
+    q, k = _shape_of(call.q), _shape_of(call.k)
+    return AttentionCall(
+        path="comfy", tier=0, block_m=0, block_n=0, batch=q[0] if q else 0, heads=call.heads or 0,
+        q_len=q[-2] if len(q) >= 2 else 0, kv_len=k[-2] if len(k) >= 2 else 0, head_dim=0,
+        dtype=str(getattr(call.q, "dtype", "")), device=str(getattr(call.q, "device", "")),
+        reason="call form not understood",
     )
 
 
@@ -304,7 +340,10 @@ def make_attention_override(
         call = _bind_call(args, kwargs)
         qkv = _to_bhnd(call)
         if qkv is None:
-            return send_on(func, args, kwargs)
+            _warn_unknown_form(call)
+            out = send_on(func, args, kwargs)
+            record(_describe_unknown(call))
+            return out
         q, k, v = qkv
         reason = ""
         if not config.enabled:

@@ -123,6 +123,19 @@ def test_value_head_dim_may_differ():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_sd3_value_layout_b_n_h_d():
+    # SD3's joint blocks pass q and k as (b, n, h*d) but v straight from split_qkv as (b, n, h, d).
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 30, 3 * 16, generator=g), torch.randn(2, 30, 3 * 16, generator=g)
+    v4 = torch.randn(2, 30, 3, 16, generator=g)
+    records = []
+    ov = make_attention_override(OverrideConfig(min_tokens=0), recorder=records.append)
+    out = ov(_func_must_not_run, q, k, v4, heads=3, _inside_attn_wrapper=True)
+    ref = _comfy_attention_pytorch(q, k, v4.reshape(2, 30, 48), 3)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert records[0].path == "noflash"
+
+
 def test_non_contiguous_inputs():
     q, k, v = _qkv(layout="bhnd")
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # (b, h, n, d) strided views
@@ -313,9 +326,12 @@ def test_unknown_layout_is_sent_on():
         return sentinel
 
     q, k, v = _qkv()
+    records = []
+    ov = make_attention_override(OverrideConfig(min_tokens=0), recorder=records.append)
     # heads missing without skip_reshape: not a call form ComfyUI defines, so ComfyUI decides what to do.
-    assert _override()(func, q, k, v, _inside_attn_wrapper=True) is sentinel
+    assert ov(func, q, k, v, _inside_attn_wrapper=True) is sentinel
     assert seen == [{"_inside_attn_wrapper": True}]
+    assert [(r.path, r.reason) for r in records] == [("comfy", "call form not understood")]
 
 
 # ---- telemetry, config, rebuild, deepcopy ------------------------------------------------------------------

@@ -118,7 +118,9 @@ function showReport(node, text) {
     }
   }
   widget.value = text;
-  node.setSize?.(node.computeSize?.() ?? node.size);
+  // Grow the node to fit the new widget, never shrink what the user (or the workflow) sized.
+  const needed = node.computeSize?.() ?? node.size;
+  node.setSize?.([Math.max(node.size[0], needed[0]), Math.max(node.size[1], needed[1])]);
   app.graph?.setDirtyCanvas?.(true, true);
 }
 

@@ -1,0 +1,296 @@
+"""Headless Chromium against a real ComfyUI server serving its pinned frontend: after a run, every NoFlash node
+carries the badge (active tier, peak memory) and the NoFlash bottom-panel tab lists the run.
+
+Needs ``COMFYUI_PATH``, Chromium (``/usr/bin/chromium`` or ``CHROMIUM``) and the frontend package. The screenshot is
+written to ``docs/badge.png`` when ``NOFLASH_SCREENSHOT`` is ``1`` (or to the test's temp dir otherwise).
+The browser is driven over the DevTools protocol with aiohttp (a ComfyUI dependency), so nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from comfy_runtime import (
+    REPO_ROOT,
+    TORCHVISION_STUB,
+    comfyui_path,
+    make_custom_nodes_dir,
+    save_state_dict,
+    tiny_clip_l_state_dict,
+    tiny_sd3_state_dict,
+)
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def _wait_http(url: str, deadline: float, proc: subprocess.Popen, what: str):
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            return _get_json(url, timeout=2)
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.5)
+    raise TimeoutError(f"{what} did not answer {url}")
+
+
+def _workflow(unet: str, clip: str) -> dict:
+    """Tiny SD3-style model → Attention Patcher → Tier Selector (T2) → KSampler → SaveLatent, plus a VRAM Probe."""
+    nodes = []
+    links = []
+    link_id = itertools.count(1)
+
+    def node(nid, type_, pos, size, widgets, inputs=(), outputs=(), title=None):
+        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid, "mode": 0,
+             "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs],
+             "outputs": [{"name": name, "type": t, "links": []} for name, t in outputs],
+             "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+        if title:
+            n["title"] = title
+        nodes.append(n)
+
+    def link(src, slot, dst, name):
+        s = next(n for n in nodes if n["id"] == src)
+        d = next(n for n in nodes if n["id"] == dst)
+        dslot = next(i for i, inp in enumerate(d["inputs"]) if inp["name"] == name)
+        lid = next(link_id)
+        s["outputs"][slot]["links"].append(lid)
+        d["inputs"][dslot]["link"] = lid
+        links.append([lid, src, slot, dst, dslot, s["outputs"][slot]["type"]])
+
+    node(1, "UNETLoader", (20, 60), (300, 82), [unet, "default"], outputs=[("MODEL", "MODEL")])
+    node(2, "NoFlashAttentionPatcher", (360, 60), (300, 130), [True, 0, 0], [("model", "MODEL")],
+         [("model", "MODEL")])
+    node(3, "NoFlashTierSelector", (700, 60), (300, 130), ["2", 0, 0], [("model", "MODEL")], [("model", "MODEL")])
+    node(4, "CLIPLoader", (20, 240), (300, 106), [clip, "stable_diffusion", "default"], outputs=[("CLIP", "CLIP")])
+    node(5, "CLIPTextEncode", (360, 260), (300, 100), ["a red fox in snow"], [("clip", "CLIP")],
+         [("CONDITIONING", "CONDITIONING")], title="Positive")
+    node(6, "CLIPTextEncode", (700, 260), (300, 100), ["blurry"], [("clip", "CLIP")],
+         [("CONDITIONING", "CONDITIONING")], title="Negative")
+    node(7, "EmptySD3LatentImage", (20, 400), (300, 106), [64, 64, 1], outputs=[("LATENT", "LATENT")])
+    node(8, "KSampler", (1040, 60), (280, 262), [0, "fixed", 2, 3.0, "euler", "simple", 1.0],
+         [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+          ("latent_image", "LATENT")], [("LATENT", "LATENT")])
+    node(9, "SaveLatent", (1040, 360), (280, 58), ["latents/noflash_badge"], [("samples", "LATENT")])
+    node(10, "NoFlashVRAMProbe", (1360, 60), (560, 560), [1024, 1024, 1, 1, "flux"], [("model", "MODEL")],
+         [("report", "STRING")])
+    link(1, 0, 2, "model")
+    link(2, 0, 3, "model")
+    link(3, 0, 8, "model")
+    link(2, 0, 10, "model")
+    link(4, 0, 5, "clip")
+    link(4, 0, 6, "clip")
+    link(5, 0, 8, "positive")
+    link(6, 0, 8, "negative")
+    link(7, 0, 8, "latent_image")
+    link(8, 0, 9, "samples")
+    for n in nodes:
+        for o in n["outputs"]:
+            o["links"] = o["links"] or None
+    return {"last_node_id": 10, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.85, "offset": [0, 50]}}, "version": 0.4}
+
+
+class _DevTools:
+    """Minimal Chrome DevTools protocol client (one page) on aiohttp's websocket client."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.ids = itertools.count(1)
+
+    async def send(self, method: str, **params):
+        msg_id = next(self.ids)
+        await self.ws.send_json({"id": msg_id, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=120)
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    async def js(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"JS error: {json.dumps(result['exceptionDetails'])[:2000]}")
+        return result.get("result", {}).get("value")
+
+    async def wait_js(self, expression: str, timeout: float, what: str):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = await self.js(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"timed out waiting for {what}")
+
+
+_BADGES_JS = """
+(() => {
+  const app = window.comfyAPI.app.app;
+  return app.graph._nodes
+    .filter((n) => String(n.comfyClass ?? n.type).startsWith("NoFlash"))
+    .map((n) => ({type: n.comfyClass ?? n.type,
+                  badges: (n.badges ?? []).map((b) => (typeof b === "function" ? b() : b)?.text ?? "")}));
+})()
+"""
+
+
+async def _drive_browser(devtools_port: int, url: str, workflow: dict, screenshot: str) -> dict:
+    import aiohttp
+
+    targets = _get_json(f"http://127.0.0.1:{devtools_port}/json/list")
+    page = next(t for t in targets if t.get("type") == "page")
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            dt = _DevTools(ws)
+            await dt.send("Page.enable")
+            await dt.send("Emulation.setDeviceMetricsOverride", width=1760, height=1000, deviceScaleFactor=1,
+                          mobile=False)
+            await dt.send("Page.navigate", url=url)
+            # vueAppReady is set once setup() finished: node definitions registered, extensions' setup() ran.
+            await dt.wait_js("!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app && "
+                             "window.comfyAPI.app.app.vueAppReady && window.comfyAPI.app.app.graph && "
+                             "window.comfyAPI.app.app.extensions.some((e) => e.name === 'noflash.status'))",
+                             90, "the ComfyUI frontend with the noflash extension")
+            # Node definitions may still be registering: load until every node knows its class.
+            load = (f"window.comfyAPI.app.app.loadGraphData({json.dumps(workflow)}, true, true, null, "
+                    "{showMissingNodesDialog: false, showMissingModelsDialog: false}).then(() => "
+                    "window.comfyAPI.app.app.graph._nodes.filter((n) => !n.comfyClass).map((n) => n.type))")
+            deadline = time.time() + 60
+            while (missing := await dt.js(load)) and time.time() < deadline:
+                await asyncio.sleep(1)
+            assert not missing, f"the frontend does not know these node types: {missing}"
+            before = await dt.js(_BADGES_JS)
+            await dt.js("window.comfyAPI.app.app.queuePrompt(0, 1).then(() => true)")
+            await dt.wait_js("fetch('/noflash/runs').then((r) => r.json()).then((d) => d.runs.length > 0)", 180,
+                             "a finished noflash run on the server")
+            badges = await dt.wait_js(
+                f"(() => {{ const b = {_BADGES_JS}; return b.every((n) => n.badges.some((t) => t.startsWith("
+                "'noflash T'))) ? b : null; })()", 30, "the badges to show the run")
+            await dt.js("window.comfyAPI.app.app.extensionManager.command.execute("
+                        "'Workspace.ToggleBottomPanelTab.noflash-runs').then(() => true)")
+            panel = await dt.wait_js("(() => { const t = [...document.querySelectorAll('table')].find((x) => "
+                                     "x.textContent.includes('Longest seq')); return t ? t.innerText : null; })()",
+                                     20, "the NoFlash bottom-panel table")
+            probe_text = await dt.wait_js(
+                "(() => { const n = window.comfyAPI.app.app.graph._nodes.find((x) => x.comfyClass === "
+                "'NoFlashVRAMProbe'); const w = n && n.widgets && n.widgets.find((x) => x.name === "
+                "'noflash_report'); return w ? w.value : null; })()", 20, "the VRAM Probe report on its node")
+            await dt.js("new Promise((r) => { window.comfyAPI.app.app.graph.setDirtyCanvas(true, true); "
+                        "setTimeout(() => r(true), 800); })")
+            shot = await dt.send("Page.captureScreenshot", format="png")
+            with open(screenshot, "wb") as f:
+                f.write(base64.b64decode(shot["data"]))
+            return {"before": before, "badges": badges, "panel": panel, "probe": probe_text}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = comfyui_path()
+    if path is None:
+        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed")
+    pytest.importorskip("comfyui_frontend_package")
+    base = str(tmp_path_factory.mktemp("server_base"))
+    make_custom_nodes_dir(base)
+    models = os.path.join(base, "models")
+    # The comfy fixture isn't needed here, but building the models needs ComfyUI importable.
+    from comfy_runtime import setup_comfyui
+
+    setup_comfyui()
+    save_state_dict(tiny_sd3_state_dict(), os.path.join(models, "diffusion_models", "tiny_sd3.safetensors"))
+    save_state_dict(tiny_clip_l_state_dict(), os.path.join(models, "text_encoders", "tiny_clip_l.safetensors"))
+    settings = os.path.join(base, "user", "default", "comfy.settings.json")
+    os.makedirs(os.path.dirname(settings), exist_ok=True)
+    with open(settings, "w") as f:
+        json.dump({"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+                   "Comfy.Minimap.Visible": False}, f)
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TORCHVISION_STUB, env.get("PYTHONPATH")) if p)
+    log = open(os.path.join(base, "server.log"), "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
+         "--database-url", "sqlite:///:memory:"],
+        cwd=path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/object_info/NoFlashAttentionPatcher", time.time() + 180, proc,
+                   "ComfyUI")
+        yield {"url": f"http://127.0.0.1:{port}/", "base": base, "log": log.name}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_badge_and_panel_after_a_run(server, tmp_path):
+    with open(server["log"]) as f:
+        log = f.read()
+    assert "global SDPA patch" in log  # the start-up line
+    extensions = _get_json(server["url"] + "extensions")
+    assert "/extensions/noflash/noflash.js" in extensions
+
+    devtools_port = _free_port()
+    profile = tempfile.mkdtemp(prefix="noflash-chromium-")
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--remote-debugging-port={devtools_port}", f"--user-data-dir={profile}", "--window-size=1760,1000",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    screenshot = (os.path.join(REPO_ROOT, "docs", "badge.png") if os.environ.get("NOFLASH_SCREENSHOT") == "1"
+                  else str(tmp_path / "badge.png"))
+    os.makedirs(os.path.dirname(screenshot), exist_ok=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{devtools_port}/json/version", time.time() + 30, browser, "Chromium")
+        workflow = _workflow("tiny_sd3.safetensors", "tiny_clip_l.safetensors")
+        seen = asyncio.run(_drive_browser(devtools_port, server["url"], workflow, screenshot))
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+    types = sorted(n["type"] for n in seen["badges"])
+    assert types == ["NoFlashAttentionPatcher", "NoFlashTierSelector", "NoFlashVRAMProbe"]
+    # The frontend's own node-source badge reads just "noflash"; ours is the one with the run state.
+    for n in seen["before"]:
+        assert "noflash: waiting for a run" in n["badges"], n
+    for n in seen["badges"]:
+        ours = [t for t in n["badges"] if t.startswith(("noflash ", "noflash:"))]
+        assert ours == ["noflash T2 | peak n/a (CPU)"], n  # pinned tier 2; CPU has no peak counter
+    assert "SD3" in seen["panel"] and "T2\u00d7" in seen["panel"]
+    assert "Device: " in seen["probe"] and "Last run" in seen["probe"]
+    assert os.path.getsize(screenshot) > 10_000
+    runs = _get_json(server["url"] + "noflash/runs")["runs"]
+    assert runs[-1]["state"] == "done" and runs[-1]["tiers"] == {"2": runs[-1]["calls"]}
