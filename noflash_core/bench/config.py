@@ -130,6 +130,9 @@ class BenchConfig:
         seed: input RNG seed.
         comfy_path: a ComfyUI checkout to import ``comfy`` from (None: only if already importable).
         check: compare each forward output with torch's default SDPA and record the max abs error.
+        min_cpu_share: on CPU, re-time a call whose process CPU time is below this share of wall time x
+            threads (another process took the cores).
+        contention_retries: the most re-timed calls per cell.
     """
 
     batch: int = 1
@@ -149,6 +152,8 @@ class BenchConfig:
     seed: int = 0
     comfy_path: Optional[str] = None
     check: bool = True
+    min_cpu_share: float = 0.7
+    contention_retries: int = 4
 
     def resolved_device(self) -> torch.device:
         """The device to run on."""

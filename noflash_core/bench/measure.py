@@ -5,14 +5,23 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from .device import PeakMemory, synchronize
 from .runners import Implementation
 
-__all__ = ["Inputs", "Measurement", "finish", "first_call", "make_inputs", "measure_cell", "timed_call"]
+__all__ = [
+    "Inputs",
+    "Measurement",
+    "finish",
+    "first_call",
+    "make_inputs",
+    "measure_cell",
+    "timed_call",
+    "timed_call_with_cpu",
+]
 
 
 @dataclass
@@ -109,11 +118,23 @@ def first_call(
 
 def timed_call(impl: Implementation, inputs: Inputs, *, backward: bool, device: torch.device) -> float:
     """Seconds for one call, synchronised before and after."""
+    return timed_call_with_cpu(impl, inputs, backward=backward, device=device)[0]
+
+
+def timed_call_with_cpu(
+    impl: Implementation, inputs: Inputs, *, backward: bool, device: torch.device
+) -> Tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` for one call.
+
+    On CPU, CPU time / (wall time x threads) is the share of the cores the call got: about 1 for parallel code on
+    an idle machine, well below when another process took the cores and inflated the wall time.
+    """
     synchronize(device)
+    cpu0 = time.process_time()
     start = time.perf_counter()
     _call(impl, inputs, backward, False)
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu0
 
 
 def finish(result: Measurement) -> Measurement:

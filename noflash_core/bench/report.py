@@ -157,11 +157,15 @@ def _accuracy_table(result: BenchResult, names: Sequence[str]) -> List[str]:
 
 def _notes(result: BenchResult) -> List[str]:
     lines = []
-    notes = [c for c in result.cells if c.status in ("skipped", "error") and c.note]
+    notes = [c for c in result.cells if c.status in ("skipped", "error", "ok") and c.note]
     if notes or result.missing:
         lines += ["## Notes", ""]
     for c in notes:
-        lines.append(f"- {c.impl} {c.mode} N={c.n}: {c.status}: {c.note}")
+        lines.append(
+            f"- {c.impl} {c.mode} N={c.n}: {c.note}"
+            if c.status == "ok"
+            else f"- {c.impl} {c.mode} N={c.n}: {c.status}: {c.note}"
+        )
     for name, why in result.missing.items():
         lines.append(f"- {name}: not run: {why}")
     if lines:
