@@ -7,14 +7,16 @@ join the attention.
 Sources (public configs, read on the model's own code or config files):
 
 - Wan 2.1 / 2.2: the Wan team's ``wan/configs/wan_t2v_1_3B.py``, ``wan_t2v_14B.py``, ``wan_ti2v_5B.py``
-  (``vae_stride``, ``patch_size``, ``dim``, ``ffn_dim``, ``num_heads``, ``num_layers``); text length 512.
+  (``vae_stride``, ``patch_size``, ``dim``, ``ffn_dim``, ``num_heads``, ``num_layers``); UMT5 text padded to 512
+  tokens (ComfyUI ``min_length=512``) for the cross-attention.
 - LTX-Video: ComfyUI ``comfy/ldm/lightricks/model.py`` defaults (28 layers, 32 heads of 64, FFN ×4,
   ``vae_scale_factors=(8, 32, 32)``, 128 latent channels); the 13B checkpoints have 48 layers of
   32 heads × 128.
 - HunyuanVideo: ``hidden_size=3072``, ``heads_num=24``, ``mlp_width_ratio=4``, 20 double + 40 single blocks,
-  ``patch_size=[1, 2, 2]``, 884 VAE with 16 channels; up to 256 LLM text tokens join the attention.
+  ``patch_size=[1, 2, 2]``, 884 VAE with 16 channels; the LLM prompt (up to 256 tokens, the assumed
+  length here) joins the attention.
 - Flux.1: ComfyUI ``model_detection`` (hidden 3072, 24 heads, ``mlp_ratio=4``, patch 2), 19 double + 38 single
-  blocks, 16-channel VAE at /8; T5 sequence 512 (dev) joins the attention.
+  blocks, 16-channel VAE at /8; the T5 prompt joins the attention (ComfyUI pads it to 256 tokens).
 - SDXL: ComfyUI ``supported_models.SDXL`` / ``model_detection`` (model_channels 320,
   ``channel_mult [1, 2, 4]``, ``transformer_depth [0, 0, 2, 2, 10, 10]``, middle depth 10, 64 channels per
   head, GEGLU FFN ×4), VAE /8 with 4 channels.
@@ -253,7 +255,7 @@ def _build() -> Dict[str, ModelFamily]:
             head_dim=128,
             ffn_dim=4 * 3072,
             blocks=57,
-            joint_text_tokens=512,
+            joint_text_tokens=256,
             params=12e9,
         ),
         _dit(

@@ -111,7 +111,7 @@ def _run_cli(monkeypatch, capsys, *args: str) -> str:
 
 def test_plan_cli(monkeypatch, capsys):
     out = _run_cli(monkeypatch, capsys, "--model", "flux", "--width", "512", "--height", "512", "--vram", "24GiB")
-    assert "tokens per attention call: 1,536" in out and "fits" in out
+    assert "tokens per attention call: 1,280" in out and "fits" in out
     out = _run_cli(monkeypatch, capsys, "--list")
     assert "wan2.2-5b" in out and "qwen-image" in out
     out = _run_cli(monkeypatch, capsys, "-m", "ltxv-2b", "-W", "512", "-H", "320", "-f", "25", "--json")
