@@ -14,6 +14,7 @@ from comfy_runtime import (
     save_state_dict,
     setup_comfyui,
     tiny_flux_state_dict,
+    tiny_sd3_state_dict,
     tiny_wan_state_dict,
 )
 
@@ -57,4 +58,13 @@ def tiny_flux(comfy, models_dir):
     import comfy.sd
 
     path = save_state_dict(tiny_flux_state_dict(), os.path.join(models_dir, "tiny_flux.safetensors"))
+    return comfy.sd.load_diffusion_model(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(comfy, models_dir):
+    """A tiny random SD3-style MMDiT (depth 2, CLIP-L-wide text context and pooled vector)."""
+    import comfy.sd
+
+    path = save_state_dict(tiny_sd3_state_dict(), os.path.join(models_dir, "tiny_sd3.safetensors"))
     return comfy.sd.load_diffusion_model(path)

@@ -93,6 +93,23 @@ def test_flux_patched_sampling_matches(comfy, tiny_flux):
     assert tiny_flux.model_options == options_before
 
 
+def test_sd3_joint_attention_is_patched(comfy, tiny_sd3):
+    # SD3's joint blocks pass v as (b, n, h, d) next to (b, n, h*d) q and k.
+    g = torch.Generator().manual_seed(3)
+
+    def cond():
+        return [[torch.randn(1, 77, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+
+    positive, negative = cond(), cond()
+    latent = torch.zeros(1, 16, 16, 16)
+    reference = _sample(tiny_sd3, latent, positive, negative, steps=2, cfg=3.0)
+    out = _sample(_pin(comfy, _patch(comfy, tiny_sd3), "2", 16, 16), latent, positive, negative, steps=2, cfg=3.0)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    run = _last_run(comfy)
+    assert run["label"] == "SD3" and run["tiers"] == {"2": 4}  # 2 steps x 2 joint blocks (cond+uncond batched)
+    assert run["max_q_len"] == 77 + 64
+
+
 def test_tier_selector_patches_a_model_that_has_no_patch(comfy, tiny_wan):
     override_mod = comfy.module("noflash_core.comfy_override")
     pinned = _pin(comfy, tiny_wan, "1")

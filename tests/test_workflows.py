@@ -1,0 +1,202 @@
+"""Structure of the example workflows: node types, links, widget counts; and against the live node list of a real
+ComfyUI when ``COMFYUI_PATH`` is set (run this file with ComfyUI's Python then)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# Widget values each node type stores (ComfyUI 0.3.64 with its pinned frontend; the live test re-derives them).
+WIDGETS = {
+    "NoFlashAttentionPatcher": 3,  # enabled, min_tokens, budget_mb
+    "NoFlashTierSelector": 3,  # tier, block_m, block_n
+    "NoFlashFFNChunker": 1,  # num_chunks
+    "NoFlashVRAMProbe": 5,  # width, height, frames, batch, family
+    "UNETLoader": 2,
+    "CLIPLoader": 3,
+    "DualCLIPLoader": 4,
+    "VAELoader": 1,
+    "CLIPTextEncode": 1,
+    "ModelSamplingSD3": 1,
+    "Wan22ImageToVideoLatent": 4,
+    "KSampler": 7,  # seed, control_after_generate, steps, cfg, sampler, scheduler, denoise
+    "VAEDecode": 0,
+    "CreateVideo": 1,
+    "SaveVideo": 3,
+    "FluxGuidance": 1,
+    "ConditioningZeroOut": 0,
+    "EmptySD3LatentImage": 3,
+    "SaveImage": 1,
+    "MarkdownNote": 1,
+}
+MODEL_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
+                 "VAELoader": "vae"}
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _by_id(wf):
+    return {n["id"]: n for n in wf["nodes"]}
+
+
+def _by_type(wf, type_):
+    return [n for n in wf["nodes"] if n["type"] == type_]
+
+
+def test_there_are_two_example_workflows():
+    names = [os.path.basename(p) for p in WORKFLOWS]
+    assert len(names) == 2, names
+    assert any(n.startswith("wan2.2_5b") for n in names) and any(n.startswith("flux") for n in names)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_structure(path):
+    wf = _load(path)
+    nodes = _by_id(wf)
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] == max(nodes) and wf["last_link_id"] == max(link[0] for link in wf["links"])
+    link_ids = [link[0] for link in wf["links"]]
+    assert len(set(link_ids)) == len(link_ids), "duplicate link ids"
+    for lid, src, src_slot, dst, dst_slot, type_ in wf["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert lid in (out["links"] or []), (lid, nodes[src]["type"])
+        assert inp["link"] == lid, (lid, nodes[dst]["type"])
+        assert out["type"] == inp["type"] == type_, (lid, out["type"], inp["type"], type_)
+    for node in wf["nodes"]:
+        assert node["type"] in WIDGETS, f"unexpected node type {node['type']}: only core nodes and ours"
+        assert len(node.get("widgets_values", [])) == WIDGETS[node["type"]], node["type"]
+        for inp in node.get("inputs", []):
+            assert inp["link"] is None or inp["link"] in link_ids
+        for out in node.get("outputs", []):
+            assert all(lid in link_ids for lid in out["links"] or [])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_noflash_nodes_are_wired_into_the_model_path(path):
+    wf = _load(path)
+    nodes = _by_id(wf)
+    patcher = _by_type(wf, "NoFlashAttentionPatcher")
+    assert len(patcher) == 1
+    assert patcher[0]["widgets_values"][0] is True
+    # The sampler's model comes through the patcher.
+    sampler = _by_type(wf, "KSampler")[0]
+    link_of = {link[0]: link for link in wf["links"]}
+    node = sampler
+    chain = []
+    while True:
+        model_in = next((i for i in node["inputs"] if i["type"] == "MODEL" and i["link"] is not None), None)
+        if model_in is None:
+            break
+        node = nodes[link_of[model_in["link"]][1]]
+        chain.append(node["type"])
+    assert "NoFlashAttentionPatcher" in chain and chain[-1] in ("UNETLoader",), chain
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_model_files_are_named(path):
+    wf = _load(path)
+    named = wf["extra"]["noflash"]["models"]
+    for type_, folder in MODEL_FOLDERS.items():
+        for node in _by_type(wf, type_):
+            files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+            assert files, node["type"]
+            assert set(files) <= set(named[folder]), (files, named)
+
+
+def test_wan_workflow_is_5b_t2v_1280x704_121_frames_with_our_three_nodes():
+    wf = _load(next(p for p in WORKFLOWS if os.path.basename(p).startswith("wan")))
+    types = {n["type"] for n in wf["nodes"]}
+    assert {"NoFlashAttentionPatcher", "NoFlashFFNChunker", "NoFlashVRAMProbe"} <= types
+    latent = _by_type(wf, "Wan22ImageToVideoLatent")[0]
+    assert latent["widgets_values"] == [1280, 704, 121, 1]
+    assert latent["inputs"][1]["name"] == "start_image" and latent["inputs"][1]["link"] is None  # text-to-video
+    assert _by_type(wf, "UNETLoader")[0]["widgets_values"][0] == "wan2.2_ti2v_5B_fp16.safetensors"
+    assert _by_type(wf, "NoFlashVRAMProbe")[0]["widgets_values"][:3] == [1280, 704, 121]
+
+
+def test_flux_workflow_is_1536_squared():
+    wf = _load(next(p for p in WORKFLOWS if os.path.basename(p).startswith("flux")))
+    assert _by_type(wf, "EmptySD3LatentImage")[0]["widgets_values"] == [1536, 1536, 1]
+    assert _by_type(wf, "UNETLoader")[0]["widgets_values"][0] == "flux1-dev.safetensors"
+
+
+# ---- against a real ComfyUI ------------------------------------------------------------------------------------
+
+
+def _runtime():
+    spec = importlib.util.spec_from_file_location("noflash_comfy_runtime",
+                                                  os.path.join(ROOT, "tests", "comfy", "comfy_runtime.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def live_nodes(tmp_path_factory):
+    rt = _runtime()
+    if rt.comfyui_path() is None:
+        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
+    rt.setup_comfyui()
+    rt.load_core_nodes()
+    rt.load_pack(str(tmp_path_factory.mktemp("wf_base")))
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def _live_inputs(cls):
+    """``[(name, type, options, is_widget)]`` from a node class's INPUT_TYPES (V1 and V3 nodes both have it)."""
+    spec = cls.INPUT_TYPES()
+    out = []
+    for section in ("required", "optional"):
+        for name, value in (spec.get(section) or {}).items():
+            type_ = value[0]
+            options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+            is_widget = isinstance(type_, list) or type_ in WIDGET_TYPES
+            out.append((name, "COMBO" if isinstance(type_, list) else type_, options, is_widget))
+    return out
+
+
+def _live_widget_count(cls):
+    count = 0
+    for _, _, options, is_widget in _live_inputs(cls):
+        if is_widget:
+            count += 1 + bool(options.get("control_after_generate"))
+    return count
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_against_live_node_list(path, live_nodes):
+    wf = _load(path)
+    nodes = _by_id(wf)
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        assert node["type"] in live_nodes, f"{node['type']} is not a node of this ComfyUI"
+        cls = live_nodes[node["type"]]
+        assert len(node.get("widgets_values", [])) == _live_widget_count(cls), node["type"]
+        connections = {name: type_ for name, type_, _, widget in _live_inputs(cls) if not widget}
+        for inp in node["inputs"]:
+            assert inp["name"] in connections, (node["type"], inp["name"])
+            assert inp["type"] == connections[inp["name"]], (node["type"], inp["name"])
+        returns = list(cls.RETURN_TYPES)
+        assert [o["type"] for o in node["outputs"]] == returns, node["type"]
+        required = {name for name, _, _, widget in _live_inputs(cls)
+                    if not widget and name in (cls.INPUT_TYPES().get("required") or {})}
+        linked = {i["name"] for i in node["inputs"] if i["link"] is not None}
+        assert required <= linked, (node["type"], required - linked)
+    for _, src, src_slot, dst, _, type_ in wf["links"]:
+        assert list(live_nodes[nodes[src]["type"]].RETURN_TYPES)[src_slot] == type_
