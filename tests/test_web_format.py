@@ -28,4 +28,5 @@ def test_every_served_script_is_an_es_module_without_node_imports():
                     text = f.read()
                 assert "node:" not in text and "require(" not in text, name
     tests_dir = os.path.join(WEB, "tests")
-    assert not [n for n in os.listdir(tests_dir) if n.endswith(".js")], "tests must be .mjs so ComfyUI never serves them"
+    served_tests = [n for n in os.listdir(tests_dir) if n.endswith(".js")]
+    assert not served_tests, "tests must be .mjs so ComfyUI never serves them"

@@ -198,5 +198,5 @@ def test_against_live_node_list(path, live_nodes):
                     if not widget and name in (cls.INPUT_TYPES().get("required") or {})}
         linked = {i["name"] for i in node["inputs"] if i["link"] is not None}
         assert required <= linked, (node["type"], required - linked)
-    for _, src, src_slot, dst, _, type_ in wf["links"]:
+    for _, src, src_slot, _dst, _, type_ in wf["links"]:
         assert list(live_nodes[nodes[src]["type"]].RETURN_TYPES)[src_slot] == type_

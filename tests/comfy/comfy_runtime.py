@@ -60,6 +60,7 @@ def setup_comfyui() -> str:
 
     args.cpu = True
     import comfy.model_management  # noqa: F401  (after args.cpu)
+
     import nodes
 
     if not os.path.abspath(nodes.__file__).startswith(path):
@@ -122,8 +123,8 @@ def _random_state_dict(module: torch.nn.Module, seed: int, dtype: torch.dtype) -
 
 def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
     """A Wan 2.1 T2V state dict that ComfyUI detects: dim 256 (2 heads of 128), ffn 512, 2 layers."""
-    from comfy.ldm.wan.model import WanModel
     import comfy.ops
+    from comfy.ldm.wan.model import WanModel
 
     with torch.device("meta"):
         model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=256, ffn_dim=512,
@@ -135,8 +136,8 @@ def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> Di
 def tiny_flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
     """A Flux.1-dev state dict that ComfyUI detects. Detection fixes hidden 3072 / 24 heads / context 4096, so
     it is as small as that allows: one double block, no single blocks (about 0.8 GB in fp16)."""
-    from comfy.ldm.flux.model import Flux
     import comfy.ops
+    from comfy.ldm.flux.model import Flux
 
     with torch.device("meta"):
         model = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
@@ -150,8 +151,8 @@ def tiny_sd3_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, conte
                         adm_dim: int = 768):
     """An SD3-style MMDiT state dict ComfyUI detects: depth 2 (hidden 128, 2 heads of 64), 16 latent channels,
     text context ``context_dim`` wide and pooled vector ``adm_dim`` wide (768 each: a CLIP-L text encoder)."""
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
     with torch.device("meta"):
         model = MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2,
