@@ -28,8 +28,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import noflash_core  # noqa: E402
-from tests.support.sdpa_route import MODES, RouteThrough, assert_close_to_float64  # noqa: E402
+from tests.support.sdpa_route import MODES, RouteThrough, assert_close_to_float64, isolate_hub  # noqa: E402
 
 VOCAB = 128
 LAYERS = 2
@@ -42,18 +41,7 @@ BLOCK = 16
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No downloads, default noflash settings, and torch's own SDPA for the references."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.delenv("NOFLASH_THRESHOLD", raising=False)
-    monkeypatch.delenv("NOFLASH_BUDGET_MB", raising=False)
-    was_enabled = noflash_core.is_enabled()
-    noflash_core.disable()
-    yield
-    if was_enabled:
-        noflash_core.enable()
+    yield from isolate_hub(monkeypatch)
 
 
 def _make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:

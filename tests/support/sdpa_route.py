@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -83,3 +83,20 @@ def assert_close_to_float64(name: str, ours: torch.Tensor, torch32: torch.Tensor
     ours_err = (ours - ref).abs().max().item()
     tol = 4 * torch_err + 8 * _EPS32 * ref.abs().max().item()
     assert ours_err <= tol, f"{name}: noflash fp32 error {ours_err:.3g} > {tol:.3g} (torch's {torch_err:.3g})"
+
+
+def isolate_hub(monkeypatch) -> Iterator[None]:
+    """Fixture body: no Hugging Face downloads, default noflash settings, and the global patch off (restored after)."""
+    import pytest
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.delenv("NOFLASH_THRESHOLD", raising=False)
+    monkeypatch.delenv("NOFLASH_BUDGET_MB", raising=False)
+    was_enabled = noflash_core.is_enabled()
+    noflash_core.disable()
+    yield
+    if was_enabled:
+        noflash_core.enable()
