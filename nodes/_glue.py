@@ -61,9 +61,9 @@ def install_override(model, override: Callable[..., Any]) -> None:
     model.model_options.setdefault("transformer_options", {})[OVERRIDE_KEY] = override
 
 
-def _attach_monitor(model, label: str) -> RunMonitor:
+def _attach_monitor(model, label: str, node_id: Optional[str]) -> RunMonitor:
     """A fresh monitor whose runs start on ``ON_PRE_RUN`` and end on ``ON_CLEANUP`` (replacing ours, if any)."""
-    monitor = RunMonitor(label=label, publish=publish_status)
+    monitor = RunMonitor(label=label, publish=publish_status, node_id=node_id)
 
     def on_pre_run(patcher) -> None:
         monitor.start(patcher.load_device)
@@ -78,29 +78,29 @@ def _attach_monitor(model, label: str) -> RunMonitor:
     return monitor
 
 
-def patch_attention(model, config: OverrideConfig):
+def patch_attention(model, config: OverrideConfig, node_id: Optional[str] = None):
     """A clone of ``model`` whose attention runs the noflash override with ``config``.
 
     An override another pack installed is chained: calls we do not compute go to it. A noflash override already
-    on the model is replaced, keeping whatever it chained.
+    on the model is replaced, keeping whatever it chained. ``node_id`` tags the runs' status for the browser.
     """
     m = model.clone()
     existing = current_override(m)
     previous = override_previous(existing) if is_noflash_override(existing) else existing
     label = type(m.model).__name__
-    monitor = _attach_monitor(m, label)
+    monitor = _attach_monitor(m, label, node_id)
     install_override(m, make_attention_override(config, previous=previous, recorder=monitor.record))
     return m
 
 
-def repin_attention(model, **changes: Any):
+def repin_attention(model, node_id: Optional[str] = None, **changes: Any):
     """A clone of ``model`` whose noflash override has some config fields changed (tier, blocks).
 
     When the model has no noflash override yet, one is installed with default settings plus ``changes``.
     """
     existing = current_override(model)
     if not is_noflash_override(existing):
-        return patch_attention(model, OverrideConfig(**changes))
+        return patch_attention(model, OverrideConfig(**changes), node_id)
     m = model.clone()
     install_override(m, rebuild_override(existing, **changes))
     return m

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from comfy_api.latest import io
 
 from ..noflash_core.comfy_override import OverrideConfig
@@ -11,6 +13,12 @@ __all__ = ["NoFlashAttentionPatcher", "NoFlashTierSelector"]
 
 _CATEGORY = "advanced/noflash"
 _MIB = 1 << 20
+
+
+def _node_id(cls) -> Optional[str]:
+    """The executing node's id (None when called outside ComfyUI's executor, as in tests)."""
+    hidden = getattr(cls, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None
 
 
 class NoFlashAttentionPatcher(io.ComfyNode):
@@ -38,6 +46,7 @@ class NoFlashAttentionPatcher(io.ComfyNode):
                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -45,7 +54,7 @@ class NoFlashAttentionPatcher(io.ComfyNode):
         config = OverrideConfig(
             enabled=enabled, min_tokens=min_tokens, budget_bytes=budget_mb * _MIB if budget_mb > 0 else None
         )
-        return io.NodeOutput(patch_attention(model, config))
+        return io.NodeOutput(patch_attention(model, config, _node_id(cls)))
 
 
 class NoFlashTierSelector(io.ComfyNode):
@@ -69,10 +78,11 @@ class NoFlashTierSelector(io.ComfyNode):
                              tooltip="Key columns per tile (tiers 2 and 3); 0 lets the planner choose."),
             ],
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, tier: str, block_m: int, block_n: int) -> io.NodeOutput:
         pinned = "auto" if tier == "auto" else int(tier)
-        m = repin_attention(model, tier=pinned, block_m=block_m or None, block_n=block_n or None)
+        m = repin_attention(model, _node_id(cls), tier=pinned, block_m=block_m or None, block_n=block_n or None)
         return io.NodeOutput(m)

@@ -122,7 +122,8 @@ class RunMonitor:
     """Aggregates one patched model's attention calls per sampling run and publishes status dicts.
 
     Args:
-        label: shown in the status (for example the node title or model class).
+        label: shown in the status (for example the model class).
+        node_id: the id of the node that patched the model (the browser puts that run's badge on that node).
         publish: receives status dicts (JSON-ready); None publishes nothing.
         history: where finished runs go; defaults to :func:`default_history`.
         min_interval_s: at most one publish per this many seconds while a run goes.
@@ -133,11 +134,13 @@ class RunMonitor:
         self,
         label: str = "",
         publish: Optional[Publish] = None,
+        node_id: Optional[str] = None,
         history: Optional[RunHistory] = None,
         min_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.label = label
+        self.node_id = None if node_id is None else str(node_id)
         self.publish = publish
         self.history = default_history() if history is None else history
         self.min_interval_s = min_interval_s
@@ -211,6 +214,7 @@ class RunMonitor:
             return {
                 "run_id": self.run_id,
                 "label": self.label,
+                "node_id": self.node_id,
                 "state": state or ("running" if self._running else "idle"),
                 "calls": self.calls,
                 "tiers": dict(self.tiers),

@@ -41,7 +41,8 @@ def test_monitor_aggregates_a_run_and_publishes_throttled():
     published = []
     clock = _Clock()
     history = RunHistory()
-    mon = RunMonitor(label="WAN21", publish=published.append, history=history, min_interval_s=1.0, clock=clock)
+    mon = RunMonitor(label="WAN21", publish=published.append, history=history, min_interval_s=1.0, clock=clock,
+                     node_id=7)
     mon.start(torch.device("cpu"))
     assert published[-1]["state"] == "running" and published[-1]["calls"] == 0
     for _ in range(5):
@@ -58,6 +59,7 @@ def test_monitor_aggregates_a_run_and_publishes_throttled():
     assert final["active_tier"] == 1 and (final["block_m"], final["block_n"]) == (128, 256)
     assert final["max_q_len"] == 8192 and final["elapsed_s"] == pytest.approx(1.75)
     assert final["peak_bytes"] is None and final["peak_source"] == "not tracked on CPU"
+    assert final["node_id"] == "7" and final["label"] == "WAN21"
     assert history.latest() == final and history.finished == 1
     assert mon.finish() is None  # finishing twice does nothing
 

@@ -11,9 +11,11 @@ import {
   isNoflashNode,
   panelRows,
   pushRun,
+  rememberStatus,
+  statusForNode,
 } from "./noflash_format.js";
 
-const state = { latest: null, runs: [], panel: null };
+const state = { latest: null, byNode: {}, runs: [], panel: null };
 
 // A pill drawn by LiteGraph's drawBadges(): it only needs height, getWidth(ctx) and draw(ctx, x, y).
 class NoflashBadge {
@@ -51,8 +53,9 @@ class NoflashBadge {
   }
 }
 
-function currentBadge() {
-  return new NoflashBadge(badgeText(state.latest), badgeColors(state.latest));
+function badgeFor(node) {
+  const status = statusForNode(state.byNode, state.latest, node.id);
+  return new NoflashBadge(badgeText(status), badgeColors(status));
 }
 
 function renderPanel() {
@@ -88,6 +91,7 @@ function renderPanel() {
 function onStatus(status) {
   if (!status || typeof status !== "object") return;
   state.latest = status;
+  state.byNode = rememberStatus(state.byNode, status);
   state.runs = pushRun(state.runs, status, 10);
   renderPanel();
   app.graph?.setDirtyCanvas?.(true, true);
@@ -98,7 +102,10 @@ async function loadHistory() {
     const res = await api.fetchApi("/noflash/runs");
     if (!res.ok) return;
     const data = await res.json();
-    for (const run of data.runs ?? []) state.runs = pushRun(state.runs, run, 10);
+    for (const run of data.runs ?? []) {
+      state.runs = pushRun(state.runs, run, 10);
+      state.byNode = rememberStatus(state.byNode, run);
+    }
     if (!state.latest && state.runs.length) state.latest = state.runs.at(-1);
     renderPanel();
   } catch (err) {
@@ -151,7 +158,7 @@ app.registerExtension({
     const type = node.comfyClass ?? node.type;
     if (!isNoflashNode(type)) return;
     node.badges = node.badges ?? [];
-    node.badges.push(currentBadge);
+    node.badges.push(() => badgeFor(node));
     if (type === "NoFlashVRAMProbe") {
       const onExecuted = node.onExecuted;
       node.onExecuted = function (output) {

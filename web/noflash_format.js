@@ -1,7 +1,7 @@
 // Pure formatting for the NoFlash badge and bottom-panel tab: no DOM, no ComfyUI imports (tested with node --test).
 //
 // A status is what the server publishes as the "noflash.status" event (noflash_core/comfy_telemetry.py):
-// { run_id, label, state: "running"|"done"|"idle", calls, tiers: {"0": n, "2": m}, active_tier, block_m, block_n,
+// { run_id, label, node_id, state: "running"|"done"|"idle", calls, tiers: {"0": n, "2": m}, active_tier, block_m, block_n,
 //   max_q_len, max_kv_len, device, peak_bytes (null on CPU), peak_source, elapsed_s, time }
 
 export const NOFLASH_NODE_TYPES = Object.freeze([
@@ -73,6 +73,19 @@ export function badgeColors(status) {
   if (status.state === "running") return { fg: "#1b1300", bg: "#f0b429" };
   if (status.active_tier === null || status.active_tier === undefined) return { fg: "#ffffff", bg: "#5a6270" };
   return { fg: "#ffffff", bg: "#1f7a4d" };
+}
+
+// The status a node's badge shows: the last run of the model that node patched (status.node_id), else the latest
+// run of any NoFlash-patched model (Tier Selector, FFN Chunker and VRAM Probe nodes, or before the patcher ran).
+export function statusForNode(byNode, latest, nodeId) {
+  const own = byNode?.[String(nodeId)];
+  return own ?? latest ?? null;
+}
+
+// byNode after a status arrives (a new object; statuses without node_id change nothing).
+export function rememberStatus(byNode, status) {
+  if (!status || status.node_id === null || status.node_id === undefined) return { ...byNode };
+  return { ...byNode, [String(status.node_id)]: status };
 }
 
 // Keep the last `max` runs, newest last; a status for a known run_id replaces that run's entry.

@@ -294,3 +294,4 @@ def test_badge_and_panel_after_a_run(server, tmp_path):
     assert os.path.getsize(screenshot) > 10_000
     runs = _get_json(server["url"] + "noflash/runs")["runs"]
     assert runs[-1]["state"] == "done" and runs[-1]["tiers"] == {"2": runs[-1]["calls"]}
+    assert runs[-1]["node_id"] == "2"  # the Attention Patcher's node id, from ComfyUI's hidden unique_id

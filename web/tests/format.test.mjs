@@ -12,6 +12,8 @@ import {
   PANEL_COLUMNS,
   peakText,
   pushRun,
+  rememberStatus,
+  statusForNode,
   tierLabel,
   tierMix,
 } from "../noflash_format.js";
@@ -129,4 +131,20 @@ test("formatSeconds", () => {
   assert.equal(formatSeconds(59.9), "59.9 s");
   assert.equal(formatSeconds(125), "2 min 5 s");
   assert.equal(formatSeconds(undefined), "-");
+});
+
+test("a node's badge follows the run of the model it patched, else the latest run", () => {
+  let byNode = {};
+  const a = status({ run_id: 1, node_id: "4", active_tier: 2 });
+  const b = status({ run_id: 2, node_id: "9", active_tier: 1 });
+  const anon = status({ run_id: 3, node_id: null, active_tier: 3 });
+  byNode = rememberStatus(byNode, a);
+  byNode = rememberStatus(byNode, b);
+  const same = rememberStatus(byNode, anon);
+  assert.deepEqual(Object.keys(same).sort(), ["4", "9"]);
+  assert.equal(statusForNode(byNode, b, 4).active_tier, 2);
+  assert.equal(statusForNode(byNode, b, "9").active_tier, 1);
+  assert.equal(statusForNode(byNode, anon, 12).active_tier, 3);
+  assert.equal(statusForNode({}, null, 1), null);
+  assert.equal(rememberStatus({}, null).constructor, Object);
 });
