@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import glob
 import itertools
 import json
 import os
@@ -158,6 +159,28 @@ _BADGES_JS = """
 """
 
 
+_EXAMPLES = sorted(glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")))
+
+# Each example workflow as the frontend sees it: node types and widget values after a load and re-serialize.
+_CHECK_LOADED_JS = """
+(() => {
+  const app = window.comfyAPI.app.app;
+  return app.graph._nodes.map((n) => ({id: n.id, type: n.type, widgets: n.serialize().widgets_values ?? []}));
+})()
+"""
+
+
+async def _check_examples(dt) -> dict:
+    seen = {}
+    for path in _EXAMPLES:
+        with open(path, encoding="utf-8") as f:
+            wf = json.load(f)
+        await dt.js(f"window.comfyAPI.app.app.loadGraphData({json.dumps(wf)}, true, true, null, "
+                    "{showMissingNodesDialog: false, showMissingModelsDialog: false}).then(() => true)")
+        seen[os.path.basename(path)] = (wf, await dt.js(_CHECK_LOADED_JS))
+    return seen
+
+
 async def _drive_browser(devtools_port: int, url: str, workflow: dict, screenshot: str) -> dict:
     import aiohttp
 
@@ -183,6 +206,8 @@ async def _drive_browser(devtools_port: int, url: str, workflow: dict, screensho
             while (missing := await dt.js(load)) and time.time() < deadline:
                 await asyncio.sleep(1)
             assert not missing, f"the frontend does not know these node types: {missing}"
+            examples = await _check_examples(dt)
+            await dt.js(load)
             before = await dt.js(_BADGES_JS)
             await dt.js("window.comfyAPI.app.app.queuePrompt(0, 1).then(() => true)")
             await dt.wait_js("fetch('/noflash/runs').then((r) => r.json()).then((d) => d.runs.length > 0)", 180,
@@ -204,7 +229,7 @@ async def _drive_browser(devtools_port: int, url: str, workflow: dict, screensho
             shot = await dt.send("Page.captureScreenshot", format="png")
             with open(screenshot, "wb") as f:
                 f.write(base64.b64decode(shot["data"]))
-            return {"before": before, "badges": badges, "panel": panel, "probe": probe_text}
+            return {"before": before, "badges": badges, "panel": panel, "probe": probe_text, "examples": examples}
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +317,17 @@ def test_badge_and_panel_after_a_run(server, tmp_path):
     assert "SD3" in seen["panel"] and "T2\u00d7" in seen["panel"]
     assert "Device: " in seen["probe"] and "Last run" in seen["probe"]
     assert os.path.getsize(screenshot) > 10_000
+    # The example workflows load in the real frontend: every node type is one the server has (MarkdownNote is the
+    # frontend's own), and the widget values survive a load and re-serialize unchanged.
+    assert len(seen["examples"]) == 2
+    server_nodes = _get_json(server["url"] + "object_info", timeout=30)
+    for name, (wf, loaded) in seen["examples"].items():
+        by_id = {n["id"]: n for n in loaded}
+        for node in wf["nodes"]:
+            got = by_id[node["id"]]
+            assert got["type"] == node["type"], name
+            assert node["type"] in server_nodes or node["type"] == "MarkdownNote", (name, node["type"])
+            assert got["widgets"] == node.get("widgets_values", []), (name, node["type"], got["widgets"])
     runs = _get_json(server["url"] + "noflash/runs")["runs"]
     assert runs[-1]["state"] == "done" and runs[-1]["tiers"] == {"2": runs[-1]["calls"]}
     assert runs[-1]["node_id"] == "2"  # the Attention Patcher's node id, from ComfyUI's hidden unique_id
