@@ -2,7 +2,7 @@
 tiny random-weight models that ComfyUI's own model detection recognizes.
 
 Used by ``tests/comfy/`` and by ``tests/test_workflows.py``; both only run when ``COMFYUI_PATH`` names a ComfyUI
-checkout whose requirements are installed (see ``docs/comfyui.md``).
+checkout whose requirements are installed (see README.md, "Testing against a real ComfyUI").
 """
 
 from __future__ import annotations
