@@ -277,7 +277,7 @@ def _run_row(
             peak_bytes=m.peak_bytes,
             memory_method=m.memory_method,
             max_abs_err=err,
-            note=f"{discarded[name]} call(s) re-timed: the CPU was taken by another process"
+            note=f"{discarded[name]} call(s) re-timed: they got under {cfg.min_cpu_share:.0%} of the CPU"
             if discarded.get(name)
             else "",
         )
@@ -296,13 +296,20 @@ def _timed_sample(
     discarded: Dict[str, int],
     name: str,
 ) -> float:
-    """One timed call. On CPU a call that got less than ``cfg.min_cpu_share`` of its threads' time (another
-    process ran) is re-timed, up to ``cfg.contention_retries`` times per cell; the last try is kept."""
+    """One timed call. On CPU a call of 50 ms or more that got less than ``cfg.min_cpu_share`` of its threads'
+    time (another process ran) is re-timed, up to ``cfg.contention_retries`` times per cell; the last try is
+    kept."""
     threads = torch.get_num_threads()
     while True:
         wall, cpu = timed_call_with_cpu(impl, inputs, backward=backward, device=device)
         share = cpu / max(wall * threads, 1e-9)
-        if device.type != "cpu" or share >= cfg.min_cpu_share or discarded.get(name, 0) >= cfg.contention_retries:
+        # Short calls have serial parts and say little about contention; only calls of 50 ms or more are checked.
+        if (
+            device.type != "cpu"
+            or wall < 0.05
+            or share >= cfg.min_cpu_share
+            or discarded.get(name, 0) >= cfg.contention_retries
+        ):
             return wall
         discarded[name] = discarded.get(name, 0) + 1
         logger.debug("%s: CPU share %.2f < %.2f, re-timing", name, share, cfg.min_cpu_share)
