@@ -249,6 +249,7 @@ def fake_peak_bytes(
     requires_grad: bool = False,
     tile: Optional[Tuple[int, Optional[int]]] = None,
     max_direct_tiles: int = 256,
+    loops_per_tile: int = 1,
 ) -> FakePeak:
     """Predict the peak bytes ``fn(q, k, v)`` allocates, with no real allocation.
 
@@ -261,6 +262,7 @@ def fake_peak_bytes(
         tile: ``(block_m, block_n)`` of ``fn``; ``block_n=None`` when keys are not tiled (all keys per
             query block); ``tile=None`` for untiled code, which is run directly at full size.
         max_direct_tiles: run directly at full size when it has at most this many tiles.
+        loops_per_tile: Python iterations per tile (e.g. B·H for code that loops over heads), for that test.
 
     Returns:
         A :class:`FakePeak`.
@@ -275,7 +277,7 @@ def fake_peak_bytes(
     bm = max(1, tile[0])
     keys_tiled = tile[1] is not None
     bn = max(1, tile[1]) if keys_tiled else _UNTILED_KEY_STEP
-    tiles = math.ceil(length / bm) * (math.ceil(s / bn) if keys_tiled else 1)
+    tiles = math.ceil(length / bm) * (math.ceil(s / bn) if keys_tiled else 1) * max(1, loops_per_tile)
     # Fit on whole blocks, at least two of each so that first/last-block special cases are inside the fit.
     # An axis too short to fit along is held at its real length (the model is then affine in the other).
     grid_l = (2 * bm, 3 * bm, 5 * bm) if length > 5 * bm else None
@@ -401,5 +403,6 @@ def predict_plan_peak(
         requires_grad=requires_grad,
         tile=tile,
         max_direct_tiles=max_direct_tiles,
+        loops_per_tile=shape.batch * shape.heads if run_tier == 3 else 1,  # tier 3 works one head at a time
     )
     return chosen, peak
