@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Tuple
 
+import torch
 from comfy_api.latest import io
 
 from ..noflash_core.comfy_families import family_for_comfy_model
@@ -78,7 +79,8 @@ class NoFlashVRAMProbe(io.ComfyNode):
                 from ..noflash_core.video_planner import estimate_run
 
                 estimate = estimate_run(key, width, height, frames=frames, batch=batch, dtype=dtype,
-                                        vram_bytes=report.get("total_bytes")).to_text()
+                                        vram_bytes=report.get("total_bytes"),
+                                        device=torch.device(report["device"]).type).to_text()
             except (ImportError, ValueError) as exc:
                 note = f"Estimate unavailable: {exc}"
         text = probe_text(report, estimate, default_history().latest(), note)

@@ -50,8 +50,10 @@ def tier3_forward(
     ob_buf = torch.empty(rows * ev, dtype=tm.acc_dtype, device=q.device)
     can_die = problem.mask is not None
     with torch.no_grad():
+        kt = vo = None
         for bi in range(b):
             for hi in range(h):
+                del kt, vo  # free the previous head's operand copies before making this head's
                 kt = tm.operand(k[bi, hi]).transpose(0, 1)
                 vo = tm.operand(v[bi, hi])
                 head_mask = _head_slice(problem.mask, bi, hi)
@@ -85,4 +87,5 @@ def tier3_forward(
                         ob.copy_(tm.matmul(scores, vo[:s_end]))
                     ob.div_(row_sum)
                     out[bi, hi, :, i0:i1].copy_(ob.view(g, bm, ev))
+                    del qb  # before the next block's copy is made
     return out

@@ -37,10 +37,13 @@ def _has_out_dtype_bmm(device_type: str) -> bool:
     """Whether ``torch.bmm(a, b, out_dtype=torch.float32)`` runs for half inputs on this device type."""
     if device_type == "cpu":
         return False
+    from torch.utils._python_dispatch import _disable_current_modes
+
     try:
-        a = torch.ones(1, 2, 2, dtype=torch.float16, device=device_type)
-        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
+        with _disable_current_modes():  # probe the real device, never a fake or tracking mode's answer
+            a = torch.ones(1, 2, 2, dtype=torch.float16, device=device_type)
+            return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError, AssertionError):
         return False
 
 

@@ -175,7 +175,8 @@ def test_oom_in_backward_retries_with_smaller_blocks():
     q, k, v = _qkv(1024, grad=True)
     out = nc.scaled_dot_product_attention(q, k, v, tier=2, block_m=512)  # blocks not pinned: retry allowed
     problem = build_problem(q, k, v)
-    big = predict_peak_bytes(problem, 2, 512, 1024, requires_grad=True)
+    used = nc.plan(q, k, v, tier=2, block_m=512)
+    big = predict_peak_bytes(problem, 2, used.block_m, used.block_n, requires_grad=True)
     small = predict_peak_bytes(problem, 2, 64, 128, requires_grad=True)
     with MemoryBudget((big + small) // 2) as budget:
         out.sum().backward()
