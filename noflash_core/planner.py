@@ -193,14 +193,15 @@ def candidate_plans(
                 yield Plan(tier, bm, bn, peak, budget_bytes, requires_grad, "")
 
 
-def _fast_path_plan(problem: AttentionProblem, budget: int) -> Optional[Plan]:
+def _fast_path_plan(problem: AttentionProblem, budget: int, requires_grad: bool) -> Optional[Plan]:
     b, h, g, length, s, e, ev = problem.dims
-    math_peak = predict_peak_bytes(problem, 0, length, s)
+    # Math keeps scores and probabilities (and their gradients under grad): about 2 or 4 score-sized tensors.
+    math_peak = predict_peak_bytes(problem, 0, length, s) * (2 if requires_grad else 1)
     score_bytes = b * h * g * length * s * 4
     if length <= _DECODE_MAX_L and math_peak <= budget:
-        return Plan(0, length, s, math_peak, budget, False, f"decode-sized query (L={length}): torch SDPA")
+        return Plan(0, length, s, math_peak, budget, requires_grad, f"decode-sized query (L={length}): torch SDPA")
     if score_bytes <= _TRIVIAL_SCORE_BYTES and math_peak <= budget:
-        return Plan(0, length, s, math_peak, budget, False, "trivially small problem: torch SDPA")
+        return Plan(0, length, s, math_peak, budget, requires_grad, "trivially small problem: torch SDPA")
     return None
 
 
@@ -219,8 +220,8 @@ def plan_problem(
     if tier != "auto":
         first = next(candidate_plans(problem, budget, requires_grad, dropout, (int(tier),), block_m, block_n))
         return replace(first, reason=f"tier {tier} requested")
-    if block_m is None and block_n is None and not requires_grad and not dropout:
-        fast = _fast_path_plan(problem, budget)
+    if block_m is None and block_n is None and not dropout:
+        fast = _fast_path_plan(problem, budget, requires_grad)
         if fast is not None:
             return fast
     cands = list(candidate_plans(problem, budget, requires_grad, dropout, None, block_m, block_n))
