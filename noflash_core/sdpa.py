@@ -62,6 +62,8 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta, ...): no autocast there
+        return False
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:

@@ -61,3 +61,26 @@ def test_compiled_matches_math():
     fn = torch.compile(lambda q, k, v: nc.scaled_dot_product_attention(q, k, v, tier=1, block_m=32),
                        backend="aot_eager", fullgraph=True)
     assert torch.allclose(fn(q, k, v), math_sdpa(q, k, v), atol=1e-5)
+
+
+def test_compiled_model_trains_like_eager():
+    def train(compile_model: bool):
+        torch.manual_seed(0)
+        model = _Attention()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        step_model = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_model else model
+        x, target = torch.randn(2, 256, 32), torch.randn(2, 256, 32)
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(step_model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    torch._dynamo.reset()
+    compiled, eager = train(True), train(False)
+    assert compiled[-1] < compiled[0]
+    for a, b in zip(compiled, eager):
+        assert abs(a - b) <= 1e-5 * abs(b)

@@ -38,3 +38,27 @@ def test_nested_tensors_go_to_torch():
     assert out.is_nested
     for a, b in zip(out.unbind(), expected.unbind()):
         assert torch.allclose(a, b)
+
+
+def test_fp32_note_logged_once_off_cpu(caplog, monkeypatch):
+    # The meta device stands in for a GPU: the tiled path runs there without allocating.
+    from noflash_core import sdpa as sdpa_module
+
+    monkeypatch.setattr(sdpa_module, "_fp32_note_logged", False)
+    q = torch.empty(1, 2, 1024, 16, device="meta")
+    with caplog.at_level("INFO", logger="noflash_core.sdpa"):
+        for _ in range(3):
+            assert nc.scaled_dot_product_attention(q, q, q, tier=2).shape == q.shape
+        nc.scaled_dot_product_attention(q.half(), q.half(), q.half(), tier=2)
+    notes = [r for r in caplog.records if "fp16 inputs are about 2x faster" in r.getMessage()]
+    assert len(notes) == 1
+
+
+def test_no_fp32_note_on_cpu(caplog, monkeypatch):
+    from noflash_core import sdpa as sdpa_module
+
+    monkeypatch.setattr(sdpa_module, "_fp32_note_logged", False)
+    q = torch.randn(1, 2, 1024, 16)
+    with caplog.at_level("INFO", logger="noflash_core.sdpa"):
+        nc.scaled_dot_product_attention(q, q, q, tier=2)
+    assert "2x faster" not in caplog.text
