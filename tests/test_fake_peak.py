@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from noflash_core.bench.crosscheck import real_peak_bytes
 from noflash_core.fake_peak import (
     AttentionShape,
     fake_peak_bytes,
@@ -14,27 +15,12 @@ from noflash_core.fake_peak import (
     predict_math_peak,
     predict_plan_peak,
 )
-from noflash_core.memory_tracker import LiveBytesTracker
 from noflash_core.sdpa import scaled_dot_product_attention
 
 BUDGET = 8 << 20
 
 
-def _real_peak(fn, shape: AttentionShape, dtype: torch.dtype, requires_grad: bool, tracker=LiveBytesTracker) -> int:
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(length: int, dim: int) -> torch.Tensor:
-        t = torch.randn(shape.batch, shape.heads, length, dim, generator=gen).to(dtype)
-        return t.requires_grad_(requires_grad)
-
-    q, k, v = rand(shape.q_len, shape.head_dim), rand(shape.kv_len, shape.head_dim), rand(shape.kv_len, shape.ev)
-    grad = torch.randn(shape.batch, shape.heads, shape.q_len, shape.ev, generator=gen).to(dtype)
-    with tracker() as tr:
-        out = fn(q, k, v)
-        if requires_grad:
-            out.backward(grad)
-        del out
-    return tr.peak_bytes
+_real_peak = real_peak_bytes
 
 
 CASES = [

@@ -13,15 +13,22 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["crosscheck_rows", "main"]
+__all__ = ["crosscheck_rows", "main", "real_peak_bytes"]
 
 _SHAPES = ((2048, 2048), (3000, 2500), (4096, 512))
 _TIERS = ("auto", 1, 2, 3)
 
 
-def _real_peak(shape, plan, requires_grad: bool, dtype: torch.dtype, budget: int) -> int:
+def real_peak_bytes(fn, shape, dtype: torch.dtype, requires_grad: bool, tracker=None) -> int:
+    """Peak live bytes of ``fn(q, k, v)`` (plus its backward under ``requires_grad``) on real random tensors.
+
+    Args:
+        fn: an attention function ``(q, k, v) -> out``.
+        shape: a :class:`~noflash_core.fake_peak.AttentionShape`; q is ``(batch, heads, q_len, head_dim)``,
+            k ``(batch, heads, kv_len, head_dim)``, v ``(batch, heads, kv_len, ev)``.
+        tracker: the tracker class (default :class:`~noflash_core.memory_tracker.LiveBytesTracker`).
+    """
     from ..memory_tracker import LiveBytesTracker
-    from ..sdpa import scaled_dot_product_attention
 
     gen = torch.Generator().manual_seed(0)
 
@@ -31,14 +38,23 @@ def _real_peak(shape, plan, requires_grad: bool, dtype: torch.dtype, budget: int
 
     q, k, v = rand(shape.q_len, shape.head_dim), rand(shape.kv_len, shape.head_dim), rand(shape.kv_len, shape.ev)
     grad = torch.randn(shape.batch, shape.heads, shape.q_len, shape.ev, generator=gen).to(dtype)
-    with LiveBytesTracker() as tracker:
-        out = scaled_dot_product_attention(
-            q, k, v, tier=plan.tier, block_m=plan.block_m, block_n=plan.block_n, budget_bytes=budget
-        )
+    with (tracker or LiveBytesTracker)() as tr:
+        out = fn(q, k, v)
         if requires_grad:
             out.backward(grad)
         del out
-    return tracker.peak_bytes
+    return tr.peak_bytes
+
+
+def _real_peak(shape, plan, requires_grad: bool, dtype: torch.dtype, budget: int) -> int:
+    from ..sdpa import scaled_dot_product_attention
+
+    def run(q, k, v):
+        return scaled_dot_product_attention(
+            q, k, v, tier=plan.tier, block_m=plan.block_m, block_n=plan.block_n, budget_bytes=budget
+        )
+
+    return real_peak_bytes(run, shape, dtype, requires_grad)
 
 
 def crosscheck_rows(heads: int = 4, head_dim: int = 64, budget: int = 16 << 20) -> List[dict]:
