@@ -23,6 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import torch
 
 from .comfy_override import AttentionCall
+from .units import format_bytes as _format_bytes
 
 __all__ = [
     "RunHistory",
@@ -59,14 +60,7 @@ def read_peak_memory(device: torch.device) -> Tuple[Optional[int], str]:
 
 def format_bytes(n: Optional[int]) -> str:
     """``1536 * 2**20`` → ``"1.50 GiB"``; None → ``"n/a"``."""
-    if n is None:
-        return "n/a"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"  # pragma: no cover
+    return _format_bytes(n, decimals=2, missing="n/a")
 
 
 class RunHistory:

@@ -30,6 +30,7 @@ from torch import nn
 from .fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
 from .memory_tracker import LiveBytesTracker
 from .model_families import AttentionStage, ModelFamily, get_family
+from .units import format_bytes as _format_bytes
 
 __all__ = ["AttentionEstimate", "FFNEstimate", "RunEstimate", "estimate_run", "format_bytes"]
 
@@ -41,15 +42,8 @@ _GiB = 1024**3
 
 
 def format_bytes(n: Optional[float]) -> str:
-    """Bytes in binary units: ``"512 MiB"``, ``"71.4 GiB"``, ``"1.5 TiB"``."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit in ("B", "KiB", "MiB") else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover
+    """Bytes in binary units: ``"512 MiB"``, ``"71.4 GiB"``; None is ``"?"``."""
+    return _format_bytes(n, missing="?")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 import os
 from typing import List, Optional, Sequence
 
+from ..units import format_bytes as _format_bytes
 from .suite import BenchResult, CellResult
 
 __all__ = ["format_bytes", "format_ms", "render_markdown", "write_json", "write_markdown"]
@@ -28,17 +29,8 @@ def format_ms(ms: Optional[float]) -> str:
 
 
 def format_bytes(n: Optional[int]) -> str:
-    """Bytes in binary units: ``"520 MiB"``, ``"2.0 GiB"``."""
-    if n is None:
-        return "—"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            if unit in ("B", "KiB", "MiB"):
-                return f"{value:.0f} {unit}"
-            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
-        value /= 1024
-    return f"{value:.0f} TiB"
+    """Bytes in binary units: ``"520 MiB"``, ``"2.0 GiB"``; None is ``"—"``."""
+    return _format_bytes(n)
 
 
 def _cell_text(cell: Optional[CellResult]) -> str:
