@@ -50,6 +50,19 @@ def _cast(inputs: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torc
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
+def _sample_three_ways(factory, inputs: Dict[str, torch.Tensor], mode):
+    """``.sample`` of a seeded model in float64 and float32 with torch's SDPA, then float32 routed through
+    noflash. Returns ``(got, ref32, ref64, routed_records, model32)``."""
+    model32 = _seeded(factory, torch.float32)
+    model64 = _seeded(factory, torch.float64)
+    with torch.no_grad():
+        ref64 = model64(**_cast(inputs, torch.float64)).sample
+        ref32 = model32(**inputs).sample
+        with RouteThrough(mode, block=BLOCK) as through:
+            got = model32(**inputs).sample
+    return got, ref32, ref64, through, model32
+
+
 # --- BasicTransformerBlock -----------------------------------------------------------------------------------------
 
 
@@ -138,13 +151,7 @@ def test_unet_with_encoder_mask(mode) -> None:
         "encoder_hidden_states": _randn(2, 12, 32, seed=5),
         "encoder_attention_mask": mask,
     }
-    unet32 = _seeded(_tiny_unet, torch.float32)
-    unet64 = _seeded(_tiny_unet, torch.float64)
-    with torch.no_grad():
-        ref64 = unet64(**_cast(inputs, torch.float64)).sample
-        ref32 = unet32(**inputs).sample
-        with RouteThrough(mode, block=BLOCK) as through:
-            got = unet32(**inputs).sample
+    got, ref32, ref64, through, unet32 = _sample_three_ways(_tiny_unet, inputs, mode)
 
     # Transformer blocks at 16x16 (256 tokens: down and up path) and 8x8 (64 tokens: mid block), each with self- and
     # cross-attention: one call per Attention module, every one tiled.
@@ -194,13 +201,7 @@ def _flux_inputs(side: int = 16, text: int = 8) -> Dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: f"tier_{m}")
 def test_flux_transformer(mode) -> None:
     inputs = _flux_inputs()
-    flux32 = _seeded(_tiny_flux, torch.float32)
-    flux64 = _seeded(_tiny_flux, torch.float64)
-    with torch.no_grad():
-        ref64 = flux64(**_cast(inputs, torch.float64)).sample
-        ref32 = flux32(**inputs).sample
-        with RouteThrough(mode, block=BLOCK) as through:
-            got = flux32(**inputs).sample
+    got, ref32, ref64, through, _ = _sample_three_ways(_tiny_flux, inputs, mode)
 
     # Joint attention over 8 text + 256 image tokens, once per block.
     assert [r.shape[-2] for r in through.records] == [264, 264]
