@@ -11,14 +11,14 @@ from typing import Any, Callable, Dict, Optional
 
 from comfy.patcher_extension import CallbacksMP
 
-from ..noflash_core.comfy_override import (
+from ..noflash_core.comfy.override import (
     OverrideConfig,
     is_noflash_override,
     make_attention_override,
     override_previous,
     rebuild_override,
 )
-from ..noflash_core.comfy_telemetry import STATUS_EVENT, RunMonitor
+from ..noflash_core.comfy.telemetry import STATUS_EVENT, RunMonitor
 
 __all__ = [
     "OVERRIDE_KEY",

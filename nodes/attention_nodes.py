@@ -6,7 +6,7 @@ from typing import Optional
 
 from comfy_api.latest import io
 
-from ..noflash_core.comfy_override import OverrideConfig
+from ..noflash_core.comfy.override import OverrideConfig
 from ._glue import patch_attention, repin_attention
 
 __all__ = ["NoFlashAttentionPatcher", "NoFlashTierSelector"]

@@ -6,8 +6,8 @@ import logging
 
 from comfy_api.latest import io
 
-from ..noflash_core.ffn_chunk import chunked_forward
-from ..noflash_core.ffn_detect import find_ffn_modules
+from ..noflash_core.ffn.chunk import chunked_forward
+from ..noflash_core.ffn.detect import find_ffn_modules
 
 __all__ = ["NoFlashFFNChunker"]
 

@@ -8,11 +8,11 @@ from typing import Optional, Tuple
 import torch
 from comfy_api.latest import io
 
-from ..noflash_core.comfy_families import family_for_comfy_model
-from ..noflash_core.comfy_probe import dtype_key, probe_text
-from ..noflash_core.comfy_telemetry import default_history
+from ..noflash_core.comfy.families import family_for_comfy_model
+from ..noflash_core.comfy.probe import dtype_key, probe_text
+from ..noflash_core.comfy.telemetry import default_history
 from ..noflash_core.device import device_report
-from ..noflash_core.model_families import family_names
+from ..noflash_core.video.families import family_names
 
 __all__ = ["NoFlashVRAMProbe"]
 
@@ -76,7 +76,7 @@ class NoFlashVRAMProbe(io.ComfyNode):
         estimate = None
         if key is not None:
             try:
-                from ..noflash_core.video_planner import estimate_run
+                from ..noflash_core.video.estimator import estimate_run
 
                 estimate = estimate_run(key, width, height, frames=frames, batch=batch, dtype=dtype,
                                         vram_bytes=report.get("total_bytes"),

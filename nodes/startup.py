@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from ..noflash_core.comfy_startup import run_startup
-from ..noflash_core.comfy_telemetry import default_history
+from ..noflash_core.comfy.startup import run_startup
+from ..noflash_core.comfy.telemetry import default_history
 
 __all__ = ["on_pack_load", "register_routes"]
 

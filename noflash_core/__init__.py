@@ -7,9 +7,9 @@ patches torch's SDPA globally.
 """
 
 from .device import device_report
-from .ffn_chunk import chunked_forward
-from .ffn_detect import find_ffn_modules
-from .ffn_patch import FFNPatchHandle, patch_ffn
+from .ffn.chunk import chunked_forward
+from .ffn.detect import find_ffn_modules
+from .ffn.patch import FFNPatchHandle, patch_ffn
 from .patch import disable, enable, is_enabled, patched
 from .planner import Plan, plan
 from .sdpa import scaled_dot_product_attention

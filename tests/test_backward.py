@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from noflash_core import scaled_dot_product_attention as sdpa
-from noflash_core.memory_tracker import LiveBytesTracker
+from noflash_core.memory.tracker import LiveBytesTracker
 from tests.support.reference import math_sdpa
 
 BLOCKS = dict(block_m=16, block_n=32)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noflash_core.comfy_override import (
+from noflash_core.comfy.override import (
     AttentionCall,
     OverrideConfig,
     is_noflash_override,
@@ -24,7 +24,7 @@ from noflash_core.comfy_override import (
     override_recorder,
     rebuild_override,
 )
-from noflash_core.memory_tracker import LiveBytesTracker
+from noflash_core.memory.tracker import LiveBytesTracker
 
 TORCH_SDPA = F.scaled_dot_product_attention
 

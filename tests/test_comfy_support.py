@@ -11,12 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from noflash_core.comfy_families import family_for_comfy_model
-from noflash_core.comfy_override import AttentionCall
-from noflash_core.comfy_probe import dtype_key, format_last_run, probe_text
-from noflash_core.comfy_startup import pack_version, run_startup
-from noflash_core.comfy_telemetry import RunHistory, RunMonitor, format_bytes, read_peak_memory
-from noflash_core.model_families import family_names
+from noflash_core.comfy.families import family_for_comfy_model
+from noflash_core.comfy.override import AttentionCall
+from noflash_core.comfy.probe import dtype_key, format_last_run, probe_text
+from noflash_core.comfy.startup import pack_version, run_startup
+from noflash_core.comfy.telemetry import RunHistory, RunMonitor, format_bytes, read_peak_memory
+from noflash_core.video.families import family_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

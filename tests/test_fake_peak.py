@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from noflash_core.bench.crosscheck import real_peak_bytes
-from noflash_core.fake_peak import (
+from noflash_core.memory.fake_peak import (
     AttentionShape,
     fake_peak_bytes,
     math_sdpa,
@@ -110,7 +110,7 @@ def test_failed_check_falls_back_to_a_direct_run(caplog):
         return _toy_tiled(q, k, v)
 
     shape = AttentionShape(1, 1, 500, 500, 16)
-    with caplog.at_level(logging.WARNING, logger="noflash_core.fake_peak"):
+    with caplog.at_level(logging.WARNING, logger="noflash_core.memory.fake_peak"):
         # 16 x 16 tiles: more than 20 (so it fits), at most 16 x 20 (so it may fall back to a direct run)
         predicted = fake_peak_bytes(phase_switch, shape, tile=(32, 32), max_direct_tiles=20)
         unverified = fake_peak_bytes(phase_switch, shape, tile=(32, 32), max_direct_tiles=1)

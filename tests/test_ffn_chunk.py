@@ -10,8 +10,8 @@ import torch
 from support import ffn_replicas as R
 from torch import nn
 
-from noflash_core import ffn_chunk
-from noflash_core.ffn_chunk import ENV_CHUNKS, chunked_forward, resolve_num_chunks
+from noflash_core.ffn import chunk as ffn_chunk
+from noflash_core.ffn.chunk import ENV_CHUNKS, chunked_forward, resolve_num_chunks
 
 TOKENS = 300  # > VERIFY_TOKENS: verification uses a slice, the real call crosses several chunk boundaries
 
@@ -106,14 +106,14 @@ def test_no_grad_and_inference_mode() -> None:
 def test_token_mixing_caught_by_verification(cls: type, dtype: torch.dtype, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     module = cls().to(dtype).eval()
-    from noflash_core.ffn_detect import classify_ffn
+    from noflash_core.ffn.detect import classify_ffn
 
     assert classify_ffn(module).accepted  # structure alone cannot tell
     x = _inputs(dtype) + 1.0  # real activations rarely have zero mean
     with torch.no_grad():
         ref = module(x)
         fn = _install(module)
-        with caplog.at_level(logging.WARNING, logger="noflash_core.ffn_chunk"):
+        with caplog.at_level(logging.WARNING, logger="noflash_core.ffn.chunk"):
             got = module(x)
             again = module(_inputs(dtype, tokens=500))
     assert fn.passthrough and fn.chunked_calls == 0
@@ -287,7 +287,7 @@ def test_fake_tensors_chunk_without_verifying() -> None:
 
 
 def test_tolerance_scales_with_dtype_and_length() -> None:
-    from noflash_core.ffn_detect import FFNInfo
+    from noflash_core.ffn.detect import FFNInfo
 
     def tol(dtype: torch.dtype, hidden: int) -> float:
         info = FFNInfo(64, hidden, 64, False, (), 2 * hidden, 64 + hidden, 3)
@@ -300,7 +300,7 @@ def test_tolerance_scales_with_dtype_and_length() -> None:
 
 
 def test_chunked_fits_a_budget_the_unchunked_call_does_not() -> None:
-    from noflash_core.memory_tracker import MemoryBudget
+    from noflash_core.memory.tracker import MemoryBudget
 
     module = nn.Sequential(nn.Linear(64, 1024), nn.GELU(), nn.Linear(1024, 64)).eval()
     x = torch.randn(1, 4096, 64)  # unchunked: 2 x 16 MiB of hidden; 8 chunks: 2 x 2 MiB

@@ -7,7 +7,7 @@ import torch
 from support import ffn_replicas as R
 from torch import nn
 
-from noflash_core.ffn_detect import classify_ffn, estimate_ffn_info, find_ffn_modules, scan_ffn_modules
+from noflash_core.ffn.detect import classify_ffn, estimate_ffn_info, find_ffn_modules, scan_ffn_modules
 
 
 @pytest.mark.parametrize("name", sorted(R.ACCEPTED))

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from noflash_core.ffn_chunk import ChunkedForward, chunked_forward
-from noflash_core.memory_tracker import LiveBytesTracker
+from noflash_core.ffn.chunk import ChunkedForward, chunked_forward
+from noflash_core.memory.tracker import LiveBytesTracker
 
 DIM, HIDDEN, TOKENS, CHUNKS = 1536, 8960, 16384, 8
 

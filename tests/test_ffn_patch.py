@@ -9,8 +9,8 @@ import torch
 from support import ffn_replicas as R
 from torch import nn
 
-from noflash_core.ffn_chunk import ChunkedForward
-from noflash_core.ffn_patch import FFNPatchHandle, patch_ffn
+from noflash_core.ffn.chunk import ChunkedForward
+from noflash_core.ffn.patch import FFNPatchHandle, patch_ffn
 
 
 def _wan_input(tokens: int = 300) -> torch.Tensor:

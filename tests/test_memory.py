@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import noflash_core as nc
 from noflash_core import telemetry
-from noflash_core.memory_tracker import LiveBytesTracker, MemoryBudget
+from noflash_core.memory.tracker import LiveBytesTracker, MemoryBudget
 from noflash_core.planner import predict_peak_bytes
 from noflash_core.problem import build_problem
 from tests.support.reference import assert_close_to_reference

@@ -1,4 +1,4 @@
-"""Tests for noflash_core.memory_tracker: exact live-bytes accounting and the OOM-raising budget."""
+"""Tests for noflash_core.memory.tracker: exact live-bytes accounting and the OOM-raising budget."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from noflash_core.memory_tracker import LiveBytesTracker, MemoryBudget
+from noflash_core.memory.tracker import LiveBytesTracker, MemoryBudget
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Video planner: model geometry, fake-tensor memory estimates, verdicts, and the ``noflash_core.plan`` CLI."""
+"""Video planner: model geometry, fake-tensor memory estimates, verdicts, and the ``noflash_core.video`` CLI."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from noflash_core.model_families import MODEL_FAMILIES, get_family
-from noflash_core.video_planner import _latent_and_grid, _stage_tokens, estimate_run, format_bytes
+from noflash_core.video.estimator import _latent_and_grid, _stage_tokens, estimate_run, format_bytes
+from noflash_core.video.families import MODEL_FAMILIES, get_family
 
 GiB = 1024**3
 
@@ -90,7 +90,7 @@ def test_weights_that_do_not_fit_are_streamed():
 
 
 def test_dtype_names():
-    from noflash_core.video_planner import _parse_dtype
+    from noflash_core.video.estimator import _parse_dtype
 
     assert _parse_dtype("bfloat16")[0] == _parse_dtype("BF16")[0] == "bf16"
     assert _parse_dtype("torch.float16")[0] == "fp16" and _parse_dtype("float32")[0] == "fp32"
@@ -102,9 +102,9 @@ def test_format_bytes():
 
 
 def _run_cli(monkeypatch, capsys, *args: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["noflash_core.plan", *args])
+    monkeypatch.setattr(sys, "argv", ["noflash_core.video", *args])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("noflash_core.plan", run_name="__main__")
+        runpy.run_module("noflash_core.video", run_name="__main__")
     assert exit_info.value.code == 0
     return capsys.readouterr().out
 
@@ -119,8 +119,8 @@ def test_plan_cli(monkeypatch, capsys):
 
 
 def test_plan_cli_errors(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["noflash_core.plan", "--model", "flux"])
+    monkeypatch.setattr(sys, "argv", ["noflash_core.video", "--model", "flux"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("noflash_core.plan", run_name="__main__")
+        runpy.run_module("noflash_core.video", run_name="__main__")
     assert exit_info.value.code == 2
     assert "--width" in capsys.readouterr().err

@@ -24,11 +24,11 @@ def real_peak_bytes(fn, shape, dtype: torch.dtype, requires_grad: bool, tracker=
 
     Args:
         fn: an attention function ``(q, k, v) -> out``.
-        shape: a :class:`~noflash_core.fake_peak.AttentionShape`; q is ``(batch, heads, q_len, head_dim)``,
+        shape: a :class:`~noflash_core.memory.fake_peak.AttentionShape`; q is ``(batch, heads, q_len, head_dim)``,
             k ``(batch, heads, kv_len, head_dim)``, v ``(batch, heads, kv_len, ev)``.
-        tracker: the tracker class (default :class:`~noflash_core.memory_tracker.LiveBytesTracker`).
+        tracker: the tracker class (default :class:`~noflash_core.memory.tracker.LiveBytesTracker`).
     """
-    from ..memory_tracker import LiveBytesTracker
+    from ..memory.tracker import LiveBytesTracker
 
     gen = torch.Generator().manual_seed(0)
 
@@ -59,7 +59,7 @@ def _real_peak(shape, plan, requires_grad: bool, dtype: torch.dtype, budget: int
 
 def crosscheck_rows(heads: int = 4, head_dim: int = 64, budget: int = 16 << 20) -> List[dict]:
     """One row per (shape, dtype, tier, grad): real, fake and planner bytes and the relative errors."""
-    from ..fake_peak import AttentionShape, predict_plan_peak
+    from ..memory.fake_peak import AttentionShape, predict_plan_peak
 
     rows = []
     for length, s in _SHAPES:

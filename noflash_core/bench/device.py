@@ -30,7 +30,7 @@ class PeakMemory:
     """Peak bytes allocated inside the context, above what was allocated on entry.
 
     CUDA/ROCm and XPU use the caching allocator's ``max_memory_allocated``; every other device (CPU, MPS) uses
-    :class:`~noflash_core.memory_tracker.LiveBytesTracker`, which counts tensor storages exactly (including
+    :class:`~noflash_core.memory.tracker.LiveBytesTracker`, which counts tensor storages exactly (including
     those allocated inside custom ops).
 
     Attributes:
@@ -52,7 +52,7 @@ class PeakMemory:
             backend.reset_peak_memory_stats(self.device)
             self._base = backend.memory_allocated(self.device)
         else:
-            from ..memory_tracker import LiveBytesTracker
+            from ..memory.tracker import LiveBytesTracker
 
             self._tracker = LiveBytesTracker()
             self._tracker.__enter__()

@@ -86,7 +86,7 @@ class BenchResult:
 
 def _predicted_quadratic_bytes(cfg: BenchConfig, n: int, backward: bool, dtype: torch.dtype) -> int:
     """Math SDPA's peak at this size, from a fake-tensor run (no allocation); used for every O(N²) peer."""
-    from ..fake_peak import AttentionShape, predict_math_peak
+    from ..memory.fake_peak import AttentionShape, predict_math_peak
 
     shape = AttentionShape(cfg.batch, cfg.heads, n, n, cfg.head_dim)
     return predict_math_peak(shape, dtype=dtype, requires_grad=backward).peak_bytes

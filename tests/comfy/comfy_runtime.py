@@ -104,7 +104,7 @@ def load_pack(base: str):
 
 
 def pack_module(pack, dotted: str):
-    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy_telemetry")``."""
+    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy.telemetry")``."""
     return sys.modules[f"{pack.__name__}.{dotted}"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from comfy_runtime import flux_conditioning, wan_conditioning
 
-from noflash_core.memory_tracker import LiveBytesTracker
+from noflash_core.memory.tracker import LiveBytesTracker
 
 OVERRIDE = "optimized_attention_override"
 
@@ -30,7 +30,7 @@ def _pin(comfy, model, tier, block_m=0, block_n=0):
 
 
 def _last_run(comfy):
-    return comfy.module("noflash_core.comfy_telemetry").default_history().latest()
+    return comfy.module("noflash_core.comfy.telemetry").default_history().latest()
 
 
 def _spy_override(seen):
@@ -111,7 +111,7 @@ def test_sd3_joint_attention_is_patched(comfy, tiny_sd3):
 
 
 def test_tier_selector_patches_a_model_that_has_no_patch(comfy, tiny_wan):
-    override_mod = comfy.module("noflash_core.comfy_override")
+    override_mod = comfy.module("noflash_core.comfy.override")
     pinned = _pin(comfy, tiny_wan, "1")
     fn = pinned.model_options["transformer_options"][OVERRIDE]
     assert override_mod.is_noflash_override(fn)
@@ -187,7 +187,7 @@ def test_attention_wrapper_direct_call_at_8192_tokens(comfy):
     score matrix is 512 MiB."""
     import comfy.ldm.modules.attention as attention
 
-    override_mod = comfy.module("noflash_core.comfy_override")
+    override_mod = comfy.module("noflash_core.comfy.override")
     records = []
     override = override_mod.make_attention_override(
         override_mod.OverrideConfig(min_tokens=1024, budget_bytes=16 << 20), recorder=records.append)
@@ -214,7 +214,7 @@ def test_attention_wrapper_direct_call_at_8192_tokens(comfy):
 def test_masks_through_comfyui_wrapper_match_attention_pytorch(comfy, mask_form):
     import comfy.ldm.modules.attention as attention
 
-    override_mod = comfy.module("noflash_core.comfy_override")
+    override_mod = comfy.module("noflash_core.comfy.override")
     override = override_mod.make_attention_override(override_mod.OverrideConfig(min_tokens=0, tier=2, block_m=16,
                                                                                  block_n=16))
     g = torch.Generator().manual_seed(1)

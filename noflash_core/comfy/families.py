@@ -1,4 +1,4 @@
-"""Which :mod:`noflash_core.model_families` entry a loaded ComfyUI model is, from its class name and config.
+"""Which :mod:`noflash_core.video.families` entry a loaded ComfyUI model is, from its class name and config.
 
 The VRAM Probe node passes ``type(patcher.model).__name__`` (a ``comfy.model_base`` class such as ``WAN21``,
 ``WAN22``, ``Flux``) and ``patcher.model.model_config.unet_config`` (the dict ComfyUI's model detection built from

@@ -1,6 +1,6 @@
 """Per-run telemetry for the ComfyUI nodes: tier mix, call count and peak memory of each sampling run.
 
-A :class:`RunMonitor` receives every :class:`~noflash_core.comfy_override.AttentionCall` of one patched model. The
+A :class:`RunMonitor` receives every :class:`~noflash_core.comfy.override.AttentionCall` of one patched model. The
 node glue calls :meth:`RunMonitor.start` when a sampling run begins (ModelPatcher ``ON_PRE_RUN``) and
 :meth:`RunMonitor.finish` when it ends (``ON_CLEANUP``). The monitor publishes a JSON-ready status dict through a
 ``publish`` callable: throttled while the run goes, and once at its end. Finished runs go into a shared
@@ -22,8 +22,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 
-from .comfy_override import AttentionCall
-from .units import format_bytes as _format_bytes
+from ..units import format_bytes as _format_bytes
+from .override import AttentionCall
 
 __all__ = [
     "RunHistory",

@@ -1,12 +1,12 @@
 """Chunk every feed-forward of a PyTorch model in place, reversibly.
 
-:func:`patch_ffn` finds the modules :func:`~noflash_core.ffn_detect.find_ffn_modules` accepts and sets each
-one's instance ``forward`` to a :class:`~noflash_core.ffn_chunk.ChunkedForward`. Nothing else changes:
+:func:`patch_ffn` finds the modules :func:`~noflash_core.ffn.detect.find_ffn_modules` accepts and sets each
+one's instance ``forward`` to a :class:`~noflash_core.ffn.chunk.ChunkedForward`. Nothing else changes:
 submodules, parameters and state-dict keys stay as they are. :meth:`FFNPatchHandle.remove` puts back exactly
 what was there (the previous instance ``forward`` object, or no instance attribute at all).
 
 In ComfyUI, patch a ModelPatcher clone with ``add_object_patch`` and
-:func:`~noflash_core.ffn_chunk.chunked_forward` instead, so the patch follows the clone's load/unload.
+:func:`~noflash_core.ffn.chunk.chunked_forward` instead, so the patch follows the clone's load/unload.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, List, Optional, Tuple
 
 from torch import nn
 
-from .ffn_chunk import ChunkedForward, resolve_num_chunks
-from .ffn_detect import scan_ffn_modules
+from .chunk import ChunkedForward, resolve_num_chunks
+from .detect import scan_ffn_modules
 
 __all__ = ["FFNPatchHandle", "patch_ffn"]
 
@@ -55,7 +55,7 @@ class FFNPatchHandle:
         return len(self.names)
 
     def wrappers(self) -> List[ChunkedForward]:
-        """The installed :class:`~noflash_core.ffn_chunk.ChunkedForward` objects, in ``names`` order."""
+        """The installed :class:`~noflash_core.ffn.chunk.ChunkedForward` objects, in ``names`` order."""
         return [p.wrapper for p in self._patched]
 
     def remove(self) -> None:
@@ -87,7 +87,7 @@ def patch_ffn(model: nn.Module, num_chunks: int = 0, verbose: bool = False) -> F
     """Run every token-local feed-forward of ``model`` in token chunks.
 
     Each wrapped module proves on its first call per input signature that chunking leaves its result
-    unchanged, or runs unchunked from then on (see :mod:`noflash_core.ffn_chunk`). Modules already wrapped
+    unchanged, or runs unchunked from then on (see :mod:`noflash_core.ffn.chunk`). Modules already wrapped
     by an earlier ``patch_ffn`` are left alone; a module that already has an instance ``forward`` (another
     patch) gets chunks of that one.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
 
-from .comfy_telemetry import format_bytes
+from .telemetry import format_bytes
 
 __all__ = ["dtype_key", "format_device", "format_last_run", "probe_text"]
 

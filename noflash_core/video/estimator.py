@@ -1,9 +1,9 @@
 """Will a diffusion run fit? Attention and feed-forward memory of one model at one resolution and length.
 
-:func:`estimate_run` turns a model family (:mod:`noflash_core.model_families`), a resolution, a frame count and
+:func:`estimate_run` turns a model family (:mod:`noflash_core.video.families`), a resolution, a frame count and
 a batch into the attention calls and feed-forward activations of one transformer block, and predicts the
-memory of each by running the real code on fake tensors (:mod:`noflash_core.fake_peak`): torch's math SDPA,
-noflash's planned tier, and the FFN with and without :mod:`noflash_core.ffn_chunk` chunking. Nothing is
+memory of each by running the real code on fake tensors (:mod:`noflash_core.memory.fake_peak`): torch's math SDPA,
+noflash's planned tier, and the FFN with and without :mod:`noflash_core.ffn.chunk` chunking. Nothing is
 allocated, so a 75k-token Wan 14B call is planned in about a second on a CPU.
 
 Memory model of one block (working bytes on top of the weights):
@@ -27,10 +27,10 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
-from .memory_tracker import LiveBytesTracker
-from .model_families import AttentionStage, ModelFamily, get_family
-from .units import format_bytes as _format_bytes
+from ..memory.fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
+from ..memory.tracker import LiveBytesTracker
+from ..units import format_bytes as _format_bytes
+from .families import AttentionStage, ModelFamily, get_family
 
 __all__ = ["AttentionEstimate", "FFNEstimate", "RunEstimate", "estimate_run", "format_bytes"]
 
@@ -209,7 +209,7 @@ def _estimate_ffn(
     """Peak bytes of the stage's FFN on fake tensors, whole and in ``chunks`` chunks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .ffn_chunk import chunked_forward
+    from ..ffn.chunk import chunked_forward
 
     dim = stage.heads * stage.head_dim
     peaks = []
@@ -234,7 +234,7 @@ def _warm_device_probes(device: torch.device) -> None:
     backend = getattr(torch, device.type, None)
     if backend is None or not backend.is_available():
         return
-    from .sdpa import scaled_dot_product_attention
+    from ..sdpa import scaled_dot_product_attention
 
     x = torch.zeros(1, 1, 32, 16, device=device, dtype=torch.float16)
     scaled_dot_product_attention(x, x, x, tier=2, block_m=16, block_n=16)
@@ -284,7 +284,7 @@ def _attention_budget(vram: Optional[int], resident: int) -> Optional[int]:
     """The planner's default budget at attention time: its share of what is free then."""
     if vram is None:
         return None
-    from .budget import FREE_MEMORY_FRACTION
+    from ..budget import FREE_MEMORY_FRACTION
 
     return max(1 << 20, int((vram - resident) * FREE_MEMORY_FRACTION))
 
@@ -318,7 +318,7 @@ def estimate_run(
     """Predict attention and FFN memory of one denoising step and whether it fits in ``vram_bytes``.
 
     Args:
-        model: a key of :data:`~noflash_core.model_families.MODEL_FAMILIES`, e.g. ``"wan2.2-5b"``.
+        model: a key of :data:`~noflash_core.video.families.MODEL_FAMILIES`, e.g. ``"wan2.2-5b"``.
         width, height: output pixels.
         frames: output frames (1 for image models).
         batch: batch of the transformer call (2 when CFG runs cond and uncond together).

@@ -1,7 +1,7 @@
 """Predict an attention call's peak memory by running the real code on fake tensors.
 
 Nothing is allocated: the inputs are :class:`~torch._subclasses.fake_tensor.FakeTensor` s and a
-:class:`~noflash_core.memory_tracker.LiveBytesTracker` adds up the bytes their storages would hold. The
+:class:`~noflash_core.memory.tracker.LiveBytesTracker` adds up the bytes their storages would hold. The
 number is what the tracker measures on a real run of the same code (on CPU), with no hand formula.
 
 Long sequences have many tiles, and every tile is a handful of Python-dispatched ops, so a fake run at
@@ -123,7 +123,7 @@ def _call_site(skipped: Tuple[str, ...]) -> Site:
 
 
 def _site_tracker_class() -> type:
-    from .memory_tracker import LiveBytesTracker
+    from .tracker import LiveBytesTracker
 
     skipped = _skipped_files()
 
@@ -151,7 +151,7 @@ def _tracker(record_sites: bool):
     """A live-bytes tracker; with ``record_sites`` one that also fills ``.site_peaks``."""
     global _SITE_TRACKER
     if not record_sites:
-        from .memory_tracker import LiveBytesTracker
+        from .tracker import LiveBytesTracker
 
         return LiveBytesTracker()
     if _SITE_TRACKER is None:
@@ -332,7 +332,7 @@ def _full_size_plan(
     """The planner's :class:`~noflash_core.planner.Plan` for ``shape``, computed on fake inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .planner import plan
+    from ..planner import plan
 
     with FakeTensorMode():
         kw = {"dtype": dtype, "device": device}
@@ -376,7 +376,7 @@ def predict_plan_peak(
         ``(plan, FakePeak)``: the planner's :class:`~noflash_core.planner.Plan` and the predicted peak of
         running exactly that plan.
     """
-    from .sdpa import scaled_dot_product_attention
+    from ..sdpa import scaled_dot_product_attention
 
     chosen = _full_size_plan(shape, dtype, device, requires_grad, budget_bytes, tier, block_m, block_n)
     budget = chosen.budget_bytes

@@ -4,7 +4,7 @@ A token-local module ``f`` satisfies ``f(x)[..., i, :] == f(x[..., i, :])`` for 
 it on slices of the tokens and writing the slices into one output gives the unchunked result while only one
 slice's hidden activation (``tokens/chunks x H``) is alive at a time.
 
-Structure (:mod:`noflash_core.ffn_detect`) does not prove token-locality, so :class:`ChunkedForward` checks it
+Structure (:mod:`noflash_core.ffn.detect`) does not prove token-locality, so :class:`ChunkedForward` checks it
 on the first real call of each input signature (shape without the token dim, dtype, device,
 ``requires_grad``): it runs the module on the first ``VERIFY_TOKENS`` tokens of the real input once whole and
 once split into three uneven chunks (16, a multiple of 16, the rest) and compares. A module that fails, raises
@@ -43,7 +43,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .ffn_detect import FFNInfo, estimate_ffn_info
+from .detect import FFNInfo, estimate_ffn_info
 
 __all__ = ["ChunkedForward", "chunked_forward", "resolve_num_chunks", "ENV_CHUNKS", "VERIFY_TOKENS"]
 
@@ -96,7 +96,7 @@ def chunked_forward(module: nn.Module, num_chunks: int = 0, *, name: Optional[st
     chained.
 
     Args:
-        module: the feed-forward module (see :func:`~noflash_core.ffn_detect.find_ffn_modules`).
+        module: the feed-forward module (see :func:`~noflash_core.ffn.detect.find_ffn_modules`).
         num_chunks: chunks per call; 0 = ``NOFLASH_FFN_CHUNKS`` or, when unset, adaptive: chunks sized so one
             chunk's intermediates take at most half of ``noflash_core.budget.resolve_budget(device)``.
         name: the module's path, for log messages.
@@ -113,7 +113,7 @@ class ChunkedForward:
     Args:
         module, num_chunks, name: as for :func:`chunked_forward`.
         original: the forward to run per chunk; default: the class's ``forward`` bound to ``module``.
-            :func:`~noflash_core.ffn_patch.patch_ffn` passes an instance ``forward`` it finds, to chain it.
+            :func:`~noflash_core.ffn.patch.patch_ffn` passes an instance ``forward`` it finds, to chain it.
 
     Attributes:
         module: the wrapped module.
@@ -323,7 +323,7 @@ def _class_forward(module: nn.Module) -> Callable[..., Any]:
 
 
 def _budget_bytes(device: torch.device) -> int:
-    from .budget import resolve_budget  # lazy: keeps this module importable on its own
+    from ..budget import resolve_budget  # lazy: keeps this module importable on its own
 
     return int(resolve_budget(device))
 

@@ -89,7 +89,7 @@ def _check_storage_preservation() -> None:
     del view
     if not alive_with_view or ref() is not None:
         raise RuntimeError(
-            "noflash_core.memory_tracker needs storage PyObject preservation (torch >= 2.1): "
+            "noflash_core.memory.tracker needs storage PyObject preservation (torch >= 2.1): "
             f"this torch {torch.__version__} frees storage objects independently of their data"
         )
     _preservation_checked = True

@@ -20,7 +20,7 @@ in order (diffusers-style ``FeedForward.net``) counts like a ``Sequential``; an 
 more than three linear layers.
 
 Matching is by structure and class names only: nothing here imports ComfyUI or transformers. Structure is
-evidence, not proof: :mod:`noflash_core.ffn_chunk` checks each accepted module numerically on its first call.
+evidence, not proof: :mod:`noflash_core.ffn.chunk` checks each accepted module numerically on its first call.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def _merge_heads(out: torch.Tensor) -> torch.Tensor:
 
 
 def _default_attention() -> Callable[..., torch.Tensor]:
-    from .sdpa import scaled_dot_product_attention
+    from ..sdpa import scaled_dot_product_attention
 
     return scaled_dot_product_attention
 
@@ -280,7 +280,7 @@ def _run_tiled(
     attention: Callable[..., torch.Tensor], q, k, v, mask, config: OverrideConfig
 ) -> Tuple[torch.Tensor, _TierCapture]:
     """Run the tiled SDPA on ``(b, h, n, d)`` tensors; returns the output and what the planner reported."""
-    from . import telemetry
+    from .. import telemetry
 
     capture = _TierCapture()
     unsubscribe = telemetry.subscribe(capture)

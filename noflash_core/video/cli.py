@@ -1,15 +1,14 @@
-"""``python -m noflash_core.plan``: will this video or image run fit in my VRAM?
+"""``python -m noflash_core.video``: will this video or image run fit in my VRAM?
 
 Example::
 
-    python -m noflash_core.plan --model wan2.2-5b --width 1280 --height 704 --frames 121 --batch 2 \\
+    python -m noflash_core.video --model wan2.2-5b --width 1280 --height 704 --frames 121 --batch 2 \\
         --dtype fp16 --vram 16GiB
 
 Prints the tokens per attention call, what torch's math SDPA would need, noflash's plan (tier, blocks, peak),
 the FFN intermediate with and without chunking, and whether the run fits. ``--list`` shows the model table.
 
-This module is a command-line entry point only: never ``import noflash_core.plan`` (it would shadow the
-package's ``plan`` function); use :func:`noflash_core.video_planner.estimate_run` instead.
+The estimate itself is :func:`noflash_core.video.estimator.estimate_run`; this module only parses and prints.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ __all__ = ["main"]
 
 
 def _parse_bytes(text: str) -> int:
-    from .bench.config import parse_bytes
+    from ..bench.config import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -33,7 +32,7 @@ def _parse_bytes(text: str) -> int:
 
 
 def _model_table() -> str:
-    from .model_families import MODEL_FAMILIES
+    from .families import MODEL_FAMILIES
 
     rows = [
         "model          VAE (t, px, ch)  patch    heads x dim   FFN      blocks  text  name",
@@ -52,10 +51,10 @@ def _model_table() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    from .model_families import family_names
+    from .families import family_names
 
     p = argparse.ArgumentParser(
-        prog="python -m noflash_core.plan",
+        prog="python -m noflash_core.video",
         description="Predict attention and FFN memory of a diffusion run (fake tensors, nothing allocated).",
     )
     p.add_argument("--model", "-m", help=f"one of: {', '.join(family_names())}")
@@ -82,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [name for name in ("model", "width", "height") if getattr(args, name) is None]
     if missing:
         parser.error("the following arguments are required: " + ", ".join("--" + m for m in missing))
-    from .video_planner import estimate_run
+    from .estimator import estimate_run
 
     try:
         est = estimate_run(
@@ -103,6 +102,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(est.to_text() + "\n")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

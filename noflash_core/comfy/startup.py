@@ -25,7 +25,7 @@ logger = logging.getLogger("noflash_core")
 def pack_version() -> str:
     """The pack version: ``noflash_core.__version__``, else the ``pyproject.toml`` next to the package."""
     try:
-        from . import __version__
+        from .. import __version__
 
         return str(__version__)
     except ImportError:
@@ -54,7 +54,7 @@ def run_startup(device: Any = None, decide: Optional[Callable[..., Any]] = None)
     prefix = f"noflash {pack_version()}"
     try:
         if decide is None:
-            from .auto_patch import decide_and_apply as decide
+            from ..auto_patch import decide_and_apply as decide
         return decide(device=device, log_prefix=prefix)
     except Exception as exc:  # noqa: BLE001 - start-up must not break ComfyUI's node loading
         logger.warning("%s: start-up detection failed, global SDPA patch not enabled (%s: %s)",
