@@ -6,7 +6,7 @@ full ``L x S`` score matrix. Importing this package changes nothing; ``enable()`
 patches torch's SDPA globally.
 """
 
-from .device import device_report
+from .device import DeviceProfile, device_profile, device_report, simulate_device
 from .ffn.chunk import chunked_forward
 from .ffn.detect import find_ffn_modules
 from .ffn.patch import FFNPatchHandle, patch_ffn
@@ -17,10 +17,12 @@ from .sdpa import scaled_dot_product_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeviceProfile",
     "FFNPatchHandle",
     "Plan",
     "__version__",
     "chunked_forward",
+    "device_profile",
     "device_report",
     "disable",
     "enable",
@@ -30,4 +32,5 @@ __all__ = [
     "patched",
     "plan",
     "scaled_dot_product_attention",
+    "simulate_device",
 ]

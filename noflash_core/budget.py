@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .device import free_memory_bytes
+from .device import device_profile
 
 __all__ = ["CPU_DEFAULT_BUDGET_BYTES", "FREE_MEMORY_FRACTION", "default_budget_bytes", "resolve_budget"]
 
@@ -50,10 +50,10 @@ def default_budget_bytes(device: torch.device) -> int:
     env = _env_budget()
     if env is not None:
         return env
-    device = torch.device(device)
-    if device.type in ("cpu", "meta"):
+    profile = device_profile(device)
+    if profile.device_class == "cpu":
         return CPU_DEFAULT_BUDGET_BYTES
-    free = free_memory_bytes(device)
+    free = profile.free_memory()
     if free is None:
         return CPU_DEFAULT_BUDGET_BYTES
     return max(_MIN_BUDGET_BYTES, int(free * FREE_MEMORY_FRACTION))

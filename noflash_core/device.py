@@ -1,4 +1,11 @@
-"""What the current device is, how much memory it has, and whether torch has a fused SDPA kernel for it.
+"""Device facts in one place: what a device is, its memory, its precision rules and which fused SDPA kernels run.
+
+Everything else in noflash reads a :class:`DeviceProfile` (``device_profile(device)``) and never probes a device
+itself. A profile is built once per device and cached; only free memory is read live (``profile.free_memory()``).
+
+``simulate_device("gfx906")`` makes tensors on the ``meta`` device plan and run as on that GPU (its memory,
+precision rules and tier order), so GPU plans can be inspected and tested on any machine. The presets in
+:data:`PRESETS` are the GPUs noflash is for.
 
 ROCm note: ``torch.cuda.mem_get_info`` over-reports free memory on some ROCm setups, so on ROCm the sysfs files
 ``mem_info_vram_total`` / ``mem_info_vram_used`` of the matching card are read when present.
@@ -6,18 +13,26 @@ ROCm note: ``torch.cuda.mem_get_info`` over-reports free memory on some ROCm set
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import logging
 import os
 import re
+import threading
 import warnings
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
 __all__ = [
     "ARCHS_WITHOUT_FUSED_ATTENTION",
+    "PRESETS",
+    "DeviceProfile",
+    "device_profile",
+    "get_preset",
+    "simulate_device",
     "device_report",
     "efficient_sdpa_available",
     "free_memory_bytes",
@@ -228,3 +243,181 @@ def device_report(device: Optional[object] = None) -> dict:
         "efficient_sdpa": efficient,
         "patch_would_activate": not efficient,
     }
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+
+_GiB = 1024**3
+_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The facts about one device that noflash's planner, precision policy, budget and auto-patch use.
+
+    Attributes:
+        name: a preset name (``"gfx906"``) or the real device (``"cuda:0"``).
+        kind: ``"cpu"``, ``"cuda"`` (NVIDIA), ``"rocm"`` (AMD), ``"mps"``, ``"xpu"`` or ``"meta"``.
+        arch: ``gcnArchName`` on ROCm (``"gfx906"``), ``"sm_XY"`` on NVIDIA, None elsewhere.
+        description: the product, e.g. ``"AMD Radeon Instinct MI50 (16 GiB)"``.
+        total_bytes: device memory; None where unknown.
+        free_bytes: free memory when the profile was made (a preset's is its total); see :meth:`free_memory`.
+        bf16: whether bf16 matmuls run natively (without it bf16 runs in fp16 where the values fit, else fp32).
+        half_out_fp32: whether ``bmm(half, half, out_dtype=float32)`` runs, so half operands need no fp32 copies.
+        sdpa_backends: ``(backend, runs)`` pairs for torch's ``flash``, ``efficient``, ``cudnn`` and ``math``.
+        simulated: a preset standing in for a device that is not here (see :func:`simulate_device`).
+    """
+
+    name: str
+    kind: str
+    arch: Optional[str]
+    description: str
+    total_bytes: Optional[int]
+    free_bytes: Optional[int]
+    bf16: bool
+    half_out_fp32: bool
+    sdpa_backends: Tuple[Tuple[str, bool], ...]
+    simulated: bool = False
+
+    @property
+    def device_class(self) -> str:
+        """``"cpu"`` for CPUs (and unsimulated meta tensors), else ``"gpu"``: selects block sizes and tier order."""
+        return "cpu" if self.kind in ("cpu", "meta") else "gpu"
+
+    @property
+    def efficient_sdpa(self) -> bool:
+        """True when a fused (O(N)-memory) torch SDPA kernel runs here and the arch is not known to lack one."""
+        if self.arch is not None and self.arch.split(":")[0].startswith(ARCHS_WITHOUT_FUSED_ATTENTION):
+            return False
+        runs = dict(self.sdpa_backends)
+        return bool(runs.get("flash") or runs.get("efficient") or runs.get("cudnn"))
+
+    def free_memory(self) -> Optional[int]:
+        """Free bytes now: read live from a real accelerator, the fixed figure for presets, CPUs and meta."""
+        if self.simulated or self.kind in ("cpu", "meta"):
+            return self.free_bytes
+        return free_memory_bytes(torch.device(self.name))
+
+    def with_memory(self, total_bytes: Optional[int] = None, free_bytes: Optional[int] = None) -> DeviceProfile:
+        """A copy with other memory figures (e.g. a 32 GiB MI50): ``free_bytes`` defaults to ``total_bytes``."""
+        total = self.total_bytes if total_bytes is None else int(total_bytes)
+        free = (total if total_bytes is not None else self.free_bytes) if free_bytes is None else int(free_bytes)
+        return replace(self, total_bytes=total, free_bytes=free)
+
+
+def _preset(name, kind, arch, description, gib, bf16, half_out_fp32, fused=()) -> DeviceProfile:
+    backends = tuple((b, b == "math" or b in fused) for b in _BACKENDS)
+    return DeviceProfile(name, kind, arch, description, gib * _GiB, gib * _GiB, bf16, half_out_fp32, backends, True)
+
+
+PRESETS: Mapping[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        # bf16 on these AMD archs: no bf16 matrix hardware, torch emulates it; flags are from AMD's ISA docs, not
+        # measured by us. half_out_fp32: torch's bmm(out_dtype=float32) runs through hipBLASLt/rocBLAS there.
+        _preset("gfx906", "rocm", "gfx906", "AMD Radeon Instinct MI50 / Radeon VII (Vega 20, 16 GiB)", 16, False, True),
+        _preset("gfx1030", "rocm", "gfx1030", "AMD Radeon RX 6800 / 6800 XT / 6900 XT (RDNA2, 16 GiB)", 16, False,
+                True),
+        _preset("gfx1010", "rocm", "gfx1010", "AMD Radeon RX 5700 XT (RDNA1, 8 GiB)", 8, False, True),
+        _preset("mps", "mps", None, "Apple silicon, 16 GiB unified memory (MPS)", 16, True, False),
+        _preset("arc", "xpu", None, "Intel Arc A770 (16 GiB)", 16, True, False),
+        _preset("cpu", "cpu", None, "CPU (a 32 GiB host)", 32, True, False),
+    )
+}
+"""Named profiles of the GPUs noflash is for, for planning and for :func:`simulate_device`. None of them has a
+fused SDPA kernel that runs (torch falls back to math SDPA there)."""
+
+
+def get_preset(name: str) -> DeviceProfile:
+    """The preset called ``name`` (case-insensitive; ``rdna2``/``rdna1``/``mi50``/``a770`` are accepted too)."""
+    aliases = {"rdna2": "gfx1030", "rdna1": "gfx1010", "mi50": "gfx906", "vega20": "gfx906", "a770": "arc"}
+    key = str(name).strip().lower()
+    key = aliases.get(key, key)
+    if key not in PRESETS:
+        raise ValueError(f"unknown device profile {name!r}; use one of: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+_META = DeviceProfile("meta", "meta", None, "meta tensors (no device)", None, None, True, False,
+                      tuple((b, b == "math") for b in _BACKENDS))
+_state = threading.local()
+
+
+def _simulated() -> Optional[DeviceProfile]:
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def simulate_device(profile: Union[str, DeviceProfile], *, total_bytes: Optional[int] = None,
+                    free_bytes: Optional[int] = None) -> Iterator[DeviceProfile]:
+    """Plan and run ``meta`` tensors as on another device.
+
+    While active (in this thread), tensors on the ``meta`` device are planned with ``profile``'s memory, precision
+    rules and tier order; nothing touches a real device. Nest freely; the innermost wins.
+
+    Args:
+        profile: a :class:`DeviceProfile` or a preset name from :data:`PRESETS` (``"gfx906"``, ``"gfx1030"``, ...).
+        total_bytes, free_bytes: override the profile's memory (e.g. a 32 GiB MI50).
+
+    Yields:
+        The profile in force.
+
+    Example::
+
+        with noflash_core.simulate_device("gfx1030"):
+            q = torch.empty(1, 24, 9728, 128, dtype=torch.float16, device="meta")
+            print(noflash_core.plan(q, q, q))
+    """
+    prof = get_preset(profile) if isinstance(profile, str) else profile
+    if not isinstance(prof, DeviceProfile):
+        raise TypeError(f"simulate_device takes a preset name or a DeviceProfile, got {type(profile).__name__}")
+    if total_bytes is not None or free_bytes is not None:
+        prof = prof.with_memory(total_bytes, free_bytes)
+    prof = replace(prof, simulated=True)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(prof)
+    try:
+        yield prof
+    finally:
+        stack.pop()
+
+
+def _probe_half_out_fp32(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return False  # CPU bmm has no fp32 output for half inputs worth using: operands are upcast once instead
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    try:
+        with _disable_current_modes():  # probe the real device, never a fake or tracking mode's answer
+            a = torch.ones(1, 2, 2, dtype=torch.float16, device=device)
+            return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError, AssertionError):
+        return False
+
+
+@functools.cache
+def _real_profile(device_str: str) -> DeviceProfile:
+    dev = torch.device(device_str)
+    kind = "rocm" if dev.type == "cuda" and _is_rocm() else dev.type
+    total, free = _memory(dev)
+    return DeviceProfile(
+        name=str(dev), kind=kind, arch=gpu_arch(dev), description=_name(dev), total_bytes=total, free_bytes=free,
+        bf16=_bf16_supported(dev), half_out_fp32=_probe_half_out_fp32(dev),
+        sdpa_backends=_probe_cached(str(dev)), simulated=False,
+    )
+
+
+def device_profile(device: Optional[object] = None) -> DeviceProfile:
+    """The :class:`DeviceProfile` of ``device`` (default: the current accelerator, else CPU).
+
+    ``meta`` tensors get the profile of an active :func:`simulate_device`, else a CPU-like meta profile. Real
+    devices are probed once and cached.
+    """
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    if device is not None and torch.device(device).type == "meta":
+        return _simulated() or _META
+    return _real_profile(str(resolve_device(device)))

@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import torch
 
 from .budget import resolve_budget
+from .device import device_profile
 from .problem import AttentionProblem, build_problem
 from .tiles import TileMath
 
@@ -130,7 +131,7 @@ def predict_peak_bytes(
 
 
 def _device_class(device: torch.device) -> str:
-    return "cpu" if device.type in ("cpu", "meta") else "gpu"
+    return device_profile(device).device_class
 
 
 def _preferred_block_m(problem: AttentionProblem, tier: int, device_class: str) -> int:

@@ -10,11 +10,12 @@ half precision; elsewhere (CPU) they are upcast once.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .device import device_profile
 
 __all__ = [
     "NEG_INF",
@@ -30,31 +31,6 @@ __all__ = [
 NEG_INF = float("-inf")
 _HALF = (torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
-
-
-@functools.cache
-def _has_out_dtype_bmm(device_type: str) -> bool:
-    """Whether ``torch.bmm(a, b, out_dtype=torch.float32)`` runs for half inputs on this device type."""
-    if device_type == "cpu":
-        return False
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    try:
-        with _disable_current_modes():  # probe the real device, never a fake or tracking mode's answer
-            a = torch.ones(1, 2, 2, dtype=torch.float16, device=device_type)
-            return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError, AssertionError):
-        return False
-
-
-@functools.cache
-def _device_has_bf16(device_type: str, index: int) -> bool:
-    if device_type == "cuda":
-        try:
-            return bool(torch.cuda.is_bf16_supported())
-        except (RuntimeError, AssertionError):
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -75,11 +51,14 @@ class TileMath:
         dtype = query.dtype
         if dtype not in _HALF:
             return TileMath(dtype, dtype)
-        dev = query.device
-        if not _has_out_dtype_bmm(dev.type):
+        profile = device_profile(query.device)
+        if not profile.half_out_fp32:
             return TileMath(torch.float32, torch.float32)
-        if dtype == torch.bfloat16 and not _device_has_bf16(dev.type, dev.index or 0):
-            # bf16 without bf16 hardware: fp16 only where every value fits its range, else fp32.
+        if dtype == torch.bfloat16 and not profile.bf16:
+            # bf16 without bf16 hardware: fp16 only where every value fits its range, else fp32. Meta tensors
+            # (a simulated device) have no values: they plan the fp16 operands a real run would use.
+            if query.device.type == "meta":
+                return TileMath(torch.float32, torch.float16)
             biggest = max(float(t.detach().abs().amax()) for t in (query, key, value))
             return TileMath(torch.float32, torch.float16 if biggest < _FP16_MAX else torch.float32)
         return TileMath(torch.float32, dtype)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 import noflash_core as nc
 from noflash_core import tiles
+from noflash_core.device import get_preset
 from noflash_core.tiles import TileMath
 
 
@@ -18,16 +21,17 @@ def test_cpu_keeps_fp32_operands_for_half_inputs():
 
 
 def test_bf16_without_hardware_uses_fp16_only_where_values_fit(monkeypatch):
-    # Pretend to be a GPU with fp32-output half matmuls but no bf16 units (e.g. gfx906, RDNA1).
-    monkeypatch.setattr(tiles, "_has_out_dtype_bmm", lambda device_type: True)
-    monkeypatch.setattr(tiles, "_device_has_bf16", lambda device_type, index: False)
+    # Real CPU tensors read as a GPU with fp32-output half matmuls but no bf16 units (gfx906's profile).
+    gfx906 = get_preset("gfx906")
+    assert not gfx906.bf16 and gfx906.half_out_fp32
+    monkeypatch.setattr(tiles, "device_profile", lambda device: gfx906)
     small = torch.randn(4, 8).bfloat16()
     assert TileMath.for_inputs(small, small, small).operand_dtype == torch.float16
     big = (torch.randn(4, 8) * 1e5).bfloat16()  # beyond fp16's 65504: fp16 would make inf
     assert TileMath.for_inputs(small, big, small).operand_dtype == torch.float32
     fp16 = torch.randn(4, 8).half()
     assert TileMath.for_inputs(fp16, fp16, fp16).operand_dtype == torch.float16
-    monkeypatch.setattr(tiles, "_device_has_bf16", lambda device_type, index: True)
+    monkeypatch.setattr(tiles, "device_profile", lambda device: replace(gfx906, bf16=True))
     assert TileMath.for_inputs(small, small, small).operand_dtype == torch.bfloat16
 
 
