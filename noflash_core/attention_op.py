@@ -41,13 +41,20 @@ def _dropout(p: float, seed: int) -> Optional[DropoutSpec]:
 
 
 def run_forward(
-    problem: AttentionProblem, tier: int, block_m: int, block_n: int, dropout: Optional[DropoutSpec], need_lse: bool
+    problem: AttentionProblem,
+    tier: int,
+    block_m: int,
+    block_n: int,
+    dropout: Optional[DropoutSpec],
+    need_lse: bool,
+    block_h: int = 0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Run one tier's forward on a canonical problem: ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` or None."""
+    """Run one tier's forward on a canonical problem: ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` or None.
+    ``block_h`` batch-head pairs run per step (0: all; tier 3 always runs one)."""
     if tier == 1:
-        return tier1_forward(problem, block_m, dropout, need_lse)
+        return tier1_forward(problem, block_m, dropout, need_lse, block_h)
     if tier == 2:
-        return tier2_forward(problem, block_m, block_n, dropout, need_lse)
+        return tier2_forward(problem, block_m, block_n, dropout, need_lse, block_h)
     if tier == 3:
         return tier3_forward(problem, block_m, dropout), None
     raise ValueError(f"tier must be 1, 2 or 3, got {tier!r}")
@@ -67,18 +74,19 @@ def attention_forward_op(
     block_m: int,
     block_n: int,
     pinned: bool,
+    block_h: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Canonical forward: q ``(B, H, G, L, E)``, k ``(B, H, S, E)``, v ``(B, H, S, Ev)``, mask
     ``(Bm, Hm, Gm, Lm, Sm)``. Returns ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` (empty for tier 3)."""
     problem = _problem(q, k, v, mask, is_causal, scale)
-    out, lse = run_forward(problem, tier, block_m, block_n, _dropout(dropout_p, seed), tier != 3)
+    out, lse = run_forward(problem, tier, block_m, block_n, _dropout(dropout_p, seed), tier != 3, block_h)
     if lse is None:
         lse = q.new_empty((0,), dtype=torch.float32)
     return out, lse
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, pinned):
+def _(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, pinned, block_h=0):
     b, h, g, length, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty((b, h, g, length, v.shape[-1]))
@@ -103,20 +111,23 @@ def attention_backward_op(
     block_n: int,
     mask_grad: bool,
     pinned: bool,
+    block_h: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked)."""
     problem = _problem(q, k, v, mask, is_causal, scale)
     dropout = _dropout(dropout_p, seed)
-    bm, bn = block_m, block_n
+    bm, bn, bh = block_m, block_n, block_h
     while True:
         try:
-            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad)
+            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad, bh)
             break
         except torch.OutOfMemoryError:
-            if pinned or (bm <= MIN_BLOCK and bn <= MIN_BLOCK):
+            if pinned or (bm <= MIN_BLOCK and bn <= MIN_BLOCK and bh == 1):
                 raise
             free_cached_memory(q.device)
-            if bn > bm:
+            if bh != 1:  # fewer batch-head pairs per step first: the GEMMs keep their shape
+                bh = max(1, (bh or q.shape[0] * q.shape[1]) // 2)
+            elif bn > bm:
                 bn = max(MIN_BLOCK, bn // 2)
             else:
                 bm = max(MIN_BLOCK, bm // 2)
@@ -127,20 +138,21 @@ def attention_backward_op(
 
 
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned):
+def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned,
+      block_h=0):
     dmask = mask.new_empty(mask.shape) if (mask_grad and mask is not None) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, pinned = inputs
+    q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, pinned, *rest = inputs
     out, lse = output
     if tier == 3:
         ctx.tier3 = True
         return
     ctx.tier3 = False
     ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.params = (is_causal, scale, dropout_p, seed, block_m, block_n, pinned)
+    ctx.params = (is_causal, scale, dropout_p, seed, block_m, block_n, pinned, rest[0] if rest else 0)
     ctx.mark_non_differentiable(lse)
 
 
@@ -156,13 +168,13 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
             "torch's math SDPA for higher-order gradients: noflash_core.disable() or call the original function."
         )
     q, k, v, mask, out, lse = ctx.saved_tensors
-    is_causal, scale, dropout_p, seed, block_m, block_n, pinned = ctx.params
+    is_causal, scale, dropout_p, seed, block_m, block_n, pinned, block_h = ctx.params
     mask_grad = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = attention_backward_op(
         grad_out.contiguous(), q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n,
-        mask_grad, pinned,
+        mask_grad, pinned, block_h,
     )
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None, None
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

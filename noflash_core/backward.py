@@ -1,15 +1,22 @@
 """The O(N)-memory backward pass shared by tiers 1 and 2.
 
-Flash-attention style: nothing of the forward's ``(L, S)`` softmax is kept. For each tile the scores are recomputed
-and normalised with the saved row log-sum-exp, giving ``P`` exactly; then
+Nothing of the forward's ``(L, S)`` softmax is kept. For each tile the scores are recomputed and normalised with the
+saved row log-sum-exp, giving ``P`` exactly; then
 
 * ``dV += (P * Z)^T dO`` (``Z`` the dropout multiplier, regenerated from the seed),
 * ``dP = (dO V^T) * Z`` and ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``,
 * ``dQ += dS K * scale``, ``dK += dS^T (Q * scale)``, and the float mask's gradient is ``dS`` summed over the mask's
   broadcast dims.
 
-Accumulators are fp32 (fp64 for fp64 inputs). Tier 1's backward is this with ``block_n = S``.
+Batch-head pairs are processed in chunks of ``block_h`` (each chunk's key and value gradients are complete when
+its loop ends). Key blocks above the causal diagonal are never visited. Accumulators are fp32 (fp64 for fp64
+inputs). Tier 1's backward is this with ``block_n = S``.
 """
+
+# implementation of:
+#   FlashAttention-2 backward (recompute P per tile from the saved log-sum-exp, D = rowsum(dO * O)):
+#     Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+#     https://arxiv.org/abs/2307.08691
 
 from __future__ import annotations
 
@@ -19,14 +26,17 @@ import torch
 
 from .problem import AttentionProblem
 from .tiles import (
+    NEG_INF,
     DropoutSpec,
+    HeadChunk,
+    TileMasks,
     TileMath,
-    apply_tile_masks,
-    causal_tile_state,
     dropout_keep_scale,
+    guard_dead_rows,
+    head_chunks,
     head_index,
     mask_tile,
-    tile_is_dead,
+    row_blocks,
 )
 
 __all__ = ["attention_backward"]
@@ -47,6 +57,7 @@ def attention_backward(
     block_n: int,
     dropout: Optional[DropoutSpec] = None,
     mask_grad: bool = False,
+    block_h: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of the canonical problem.
 
@@ -55,6 +66,7 @@ def attention_backward(
         lse: row log-sum-exp ``(B, H, G, L)`` from the forward.
         grad_out: ``(B, H, G, L, Ev)``.
         mask_grad: also return the gradient of the float mask ``(Bm, Hm, Gm, Lm, Sm)``.
+        block_h: batch-head pairs per step (0: all).
 
     Returns:
         ``dq (B, H, G, L, E)``, ``dk (B, H, S, E)``, ``dv (B, H, S, Ev)`` in the input dtype, and the mask gradient
@@ -64,58 +76,90 @@ def attention_backward(
     b, h, g, length, s, e, ev = problem.dims
     tm = TileMath.for_inputs(q, k, v)
     acc = tm.acc_dtype
-    ko = tm.operand(k)
-    kt = ko.transpose(-1, -2)
-    vt = tm.operand(v).transpose(-1, -2)
-    dq = torch.empty(b, h, g, length, e, dtype=acc, device=q.device)
-    dk = torch.zeros(b, h, s, e, dtype=acc, device=q.device)
-    dv = torch.zeros(b, h, s, ev, dtype=acc, device=q.device)
+    dq = torch.empty(b, h, g, length, e, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(b, h, s, e, dtype=k.dtype, device=q.device)
+    dv = torch.zeros(b, h, s, ev, dtype=v.dtype, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=acc, device=q.device) if (mask_grad and mask is not None) else None
-    heads = head_index(b, h, g, q.device) if dropout is not None else None
-    for i0 in range(0, length, block_m):
-        i1 = min(length, i0 + block_m)
+    masks = TileMasks(mask, problem.is_causal, acc)
+    for chunk in head_chunks(b, h, block_h):
+        args = (problem, chunk, masks.for_chunk(chunk), tm, out, lse, grad_out, block_m, block_n, dropout)
+        _chunk_backward(*args, dq, dk, dv, chunk.of_mask(dmask))
+    grad_mask = dmask.to(mask.dtype) if dmask is not None else None
+    return dq, dk, dv, grad_mask
+
+
+def _chunk_backward(
+    problem: AttentionProblem,
+    chunk: HeadChunk,
+    masks: TileMasks,
+    tm: TileMath,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    dropout: Optional[DropoutSpec],
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dmask: Optional[torch.Tensor],
+) -> None:
+    """The backward of one chunk of batch-head pairs: writes its slices of ``dq``, ``dk``, ``dv`` and adds into
+    ``dmask`` (the chunk's view of the mask gradient)."""
+    _, _, g, length, s, e, ev = problem.dims
+    acc = tm.acc_dtype
+    q = chunk.of(problem.query)
+    ko = tm.operand(chunk.of(problem.key))
+    kt = ko.transpose(-1, -2)
+    vt = tm.operand(chunk.of(problem.value)).transpose(-1, -2)
+    out_c, lse_c, dout_c, dq_c = chunk.of(out), chunk.of(lse), chunk.of(grad_out), chunk.of(dq)
+    hb, hh = q.shape[:2]
+    device = q.device
+    # Key and value gradients accumulate in place when they already have the accumulator dtype.
+    dk_c, dv_c = chunk.of(dk), chunk.of(dv)
+    dk_acc = dk_c if dk_c.dtype == acc else torch.zeros(dk_c.shape, dtype=acc, device=device)
+    dv_acc = dv_c if dv_c.dtype == acc else torch.zeros(dv_c.shape, dtype=acc, device=device)
+    heads = head_index(hb, hh, g, device, offset=chunk.first * g) if dropout is not None else None
+    for i0, i1 in row_blocks(length, block_m):
         bm = i1 - i0
-        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(b, h, g * bm, e)
-        dout_b = grad_out[:, :, :, i0:i1]
-        # D = rowsum(dO * O) and the safe log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
-        d_b = (dout_b.to(acc) * out[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
-        lse_b = lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
-        lse_b = torch.where(lse_b == float("-inf"), float("inf"), lse_b)
-        dob = tm.operand(dout_b).reshape(b, h, g * bm, ev)
-        dq_b = torch.zeros(b, h, g * bm, e, dtype=acc, device=q.device)
-        for j0 in range(0, s, block_n):
-            j1 = min(s, j0 + block_n)
+        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
+        dout_b = dout_c[:, :, :, i0:i1]
+        # D = rowsum(dO * O) and the guarded log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
+        d_b = (dout_b.to(acc) * out_c[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+        lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf"))
+        dob = tm.operand(dout_b).reshape(hb, hh, g * bm, ev)
+        dq_b = torch.zeros(hb, hh, g * bm, e, dtype=acc, device=device)
+        s_end = min(s, i1) if problem.is_causal else s  # later key blocks lie above the causal diagonal
+        for j0 in range(0, s_end, block_n):
+            j1 = min(s_end, j0 + block_n)
             bn = j1 - j0
-            state = causal_tile_state(i0, i1, j0, j1) if problem.is_causal else 1
-            if state == 0:
-                break
-            mtile = mask_tile(mask, i0, i1, j0, j1)
-            if tile_is_dead(mtile):
-                continue
-            scores = tm.matmul(qb, kt[..., j0:j1]).view(b, h, g, bm, bn)
-            apply_tile_masks(scores, mtile, state, i0, j0)
+            scores = tm.matmul(qb, kt[..., j0:j1]).view(hb, hh, g, bm, bn)
+            masks.apply(scores, i0, i1, j0, j1)
             probs = scores.sub_(lse_b).exp_()
             keep = None
             if dropout is not None:
                 keep = dropout_keep_scale(dropout, heads, length, s, i0, i1, j0, j1, acc)
-                dropped = (probs * keep).view(b, h, g * bm, bn)
+                dropped = (probs * keep).view(hb, hh, g * bm, bn)
             else:
-                dropped = probs.view(b, h, g * bm, bn)
-            dv[:, :, j0:j1].add_(tm.matmul(dropped.transpose(-1, -2), dob))
+                dropped = probs.view(hb, hh, g * bm, bn)
+            dv_acc[:, :, j0:j1].add_(tm.matmul(dropped.transpose(-1, -2), dob))
             del dropped
-            dp = tm.matmul(dob, vt[..., j0:j1]).view(b, h, g, bm, bn)
+            dp = tm.matmul(dob, vt[..., j0:j1]).view(hb, hh, g, bm, bn)
             if keep is not None:
                 dp.mul_(keep)
                 del keep
             ds = dp.sub_(d_b).mul_(probs)
             del probs
             if dmask is not None:
-                mask_tile(dmask, i0, i1, j0, j1).add_(_reduce_to(ds, dmask.shape))
-            ds3 = ds.view(b, h, g * bm, bn)
+                dm_tile = mask_tile(dmask, i0, i1, j0, j1)
+                dm_tile.add_(_reduce_to(ds, dm_tile.shape))
+            ds3 = ds.view(hb, hh, g * bm, bn)
             dq_b.add_(tm.matmul(ds3, ko[..., j0:j1, :]))
-            dk[:, :, j0:j1].add_(tm.matmul(ds3.transpose(-1, -2), qb))
+            dk_acc[:, :, j0:j1].add_(tm.matmul(ds3.transpose(-1, -2), qb))
             del ds, ds3, dp, scores
-        dq[:, :, :, i0:i1] = dq_b.view(b, h, g, bm, e).mul_(problem.scale)
+        dq_c[:, :, :, i0:i1] = dq_b.view(hb, hh, g, bm, e).mul_(problem.scale)
         del dq_b, qb, dob
-    grad_mask = dmask.to(mask.dtype) if dmask is not None else None
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_mask
+    if dk_acc is not dk_c:
+        dk_c.copy_(dk_acc)
+    if dv_acc is not dv_c:
+        dv_c.copy_(dv_acc)

@@ -14,7 +14,7 @@ Tier 0 means torch's own SDPA: the fast path for decode-sized queries and proble
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,7 +23,16 @@ from .device import device_profile
 from .problem import AttentionProblem, build_problem
 from .tiles import TileMath
 
-__all__ = ["MIN_BLOCK", "Plan", "candidate_plans", "plan", "plan_problem", "predict_peak_bytes"]
+__all__ = [
+    "MIN_BLOCK",
+    "MIN_GEMM_ROWS",
+    "Plan",
+    "candidate_plans",
+    "plan",
+    "plan_problem",
+    "planning_math",
+    "predict_peak_bytes",
+]
 
 MIN_BLOCK = 16
 """The smallest block the planner and the OOM retry go down to."""
@@ -31,17 +40,25 @@ MIN_BLOCK = 16
 _DECODE_MAX_L = 16
 _TRIVIAL_SCORE_BYTES = 8 * 1024 * 1024
 _MiB = 1024 * 1024
-# Preferred scores-block bytes (all heads together for tiers 1-2, one head for tier 3).
+# Preferred scores-block bytes per step (all batch-head pairs of the step together; one head for tier 3).
+# CPU figures are measured (bench/results/cpu-epyc-2core); GPU figures are unmeasured guesses.
 _PREFERRED = {
     "cpu": {1: 16 * _MiB, 2: 4 * _MiB, 3: 8 * _MiB},
     "gpu": {1: 512 * _MiB, 2: 128 * _MiB, 3: 64 * _MiB},
 }
+# CPU orders are measured; GPU orders are unmeasured (no GPU has run them yet).
 _TIER_ORDER = {
     ("cpu", False): (3, 1, 2),
     ("cpu", True): (2, 1),  # measured: tier 2's tiled backward beats tier 1's full-row tiles on CPU caches
     ("gpu", False): (1, 2, 3),
     ("gpu", True): (1, 2),
 }
+MIN_GEMM_ROWS = 128
+"""Score GEMMs get at least this many rows (``G * block_m``, or ``G * L`` when shorter): the planner chunks
+batch-head pairs rather than shrink query blocks below it, until only the budget can make it shrink them."""
+_CAUSAL_ROW_SHARE = 16
+"""Under causal masking tiers 1 and 3 multiply a block's keys up to its last row; query blocks of at most
+``L / 16`` rows keep that extra work (the upper half of each diagonal square) near 1/32 of the visible half."""
 
 TierArg = Union[str, int]
 
@@ -58,6 +75,7 @@ class Plan:
         budget_bytes: the budget the plan was made for.
         requires_grad: whether the plan covers a backward pass.
         reason: why this plan was chosen.
+        block_h: batch-head pairs per step (tiers 1 and 2; tier 3 runs one); 0 means all.
     """
 
     tier: int
@@ -67,6 +85,7 @@ class Plan:
     budget_bytes: int
     requires_grad: bool = False
     reason: str = ""
+    block_h: int = 0
 
     @property
     def fits(self) -> bool:
@@ -77,6 +96,11 @@ def _elt(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
+def planning_math(problem: AttentionProblem) -> TileMath:
+    """The precision policy the planner assumes: read from shapes, dtypes and the device alone (no host read)."""
+    return TileMath.for_inputs(problem.query, problem.key, problem.value, read_values=False)
+
+
 def predict_peak_bytes(
     problem: AttentionProblem,
     tier: int,
@@ -84,49 +108,60 @@ def predict_peak_bytes(
     block_n: int,
     requires_grad: bool = False,
     dropout: bool = False,
+    *,
+    block_h: int = 0,
+    tile_math: Optional[TileMath] = None,
 ) -> int:
     """Predicted peak working bytes of running ``tier`` with these blocks on ``problem``.
 
-    Counts the output ``(B, H, G, L, Ev)``, operand copies, softmax statistics and the largest per-block set of
-    live tensors; with ``requires_grad`` also the backward pass (gradients, fp32 accumulators and tiles).
+    Counts the output ``(B, H, G, L, Ev)``, operand copies, softmax statistics, the prepared masks and the largest
+    per-step set of live tensors; with ``requires_grad`` also the backward pass (gradients, fp32 accumulators and
+    tiles). ``block_h`` batch-head pairs run per step (0: all). The figures mirror the allocations of ``tier1.py``,
+    ``tier2.py``, ``tier3.py`` and ``backward.py``; tests hold them against the live-bytes tracker.
     """
     b, h, g, length, s, e, ev = problem.dims
     q = problem.query
-    tm = TileMath.for_inputs(q, problem.key, problem.value)
+    tm = tile_math or planning_math(problem)
     inp, op, acc = _elt(q.dtype), _elt(tm.operand_dtype), _elt(tm.acc_dtype)
-    bhg = b * h * g
-    bm = min(block_m, length)
+    pairs = b * h
+    bhg = pairs * g
+    bm = max(1, min(block_m, length))
     out = bhg * length * ev * inp
-    convert_kv = b * h * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
-    mask_b = 1 if problem.mask is not None and problem.mask.dtype == torch.bool else 0
+    mask = problem.mask
+    mask_b = 1 if mask is not None and mask.dtype == torch.bool and mask.shape[-2] != 1 else 0
+    # A key-padding bool mask becomes a 0/-inf bias once per call (its negation is transient).
+    mask_prep = mask.numel() * (acc + 1) if mask is not None and mask.dtype == torch.bool and mask_b == 0 else 0
     per_elt = acc + mask_b + (40 if dropout else 0)
-    small = 6 * bhg * bm * acc + 4096
     if tier == 0:
         return 2 * bhg * length * s * acc + out
+    s_vis = min(s, length) if problem.is_causal else s  # keys the last query block can see
     if tier == 3:
         one_head = s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
-        return out + one_head + g * bm * (s * per_elt + e * 2 * op + ev * acc) + small
+        causal = 4 * bm * bm if problem.is_causal else 0
+        small = 6 * g * bm * acc + 4096
+        return out + mask_prep + one_head + causal + g * bm * (s_vis * per_elt + e * 2 * op + ev * acc) + small
+    hc = pairs if block_h <= 0 else min(block_h, pairs)
+    hg = hc * g
+    small = 6 * hg * bm * acc + 4096
+    bn = s_vis if tier == 1 else max(1, min(block_n, s_vis))
+    causal = 4 * bm * min(bm, bn) if problem.is_causal else 0
+    convert_kv = hc * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
     lse = bhg * length * acc
-    q_block = bhg * bm * e * 2 * op
-    if tier == 1:
-        block = bhg * bm * (s * per_elt + 2 * ev * acc)
-    else:
-        bn = min(block_n, s)
-        block = bhg * bm * (bn * per_elt + 2 * ev * acc)
-    forward = out + convert_kv + lse + q_block + block + small
+    q_block = hg * bm * e * 2 * op
+    block = hg * bm * (bn * per_elt + 2 * ev * acc)
+    forward = out + lse + mask_prep + convert_kv + q_block + block + causal + small
     if not requires_grad:
         return forward
-    bn = s if tier == 1 else min(block_n, s)
-    # Held through the backward: output, lse, the incoming gradient, fp32 gradient accumulators, operand copies.
-    grads_acc = (bhg * length * e + b * h * s * (e + ev)) * acc
-    grads_out = (bhg * length * e + b * h * s * (e + ev)) * inp if acc != inp else 0
-    held = out + lse + bhg * length * ev * inp + grads_acc + convert_kv
+    # Held through the backward: output, lse, the incoming gradient and the three gradients (input dtype).
+    held = out + lse + bhg * length * ev * inp + (bhg * length * e + pairs * s * (e + ev)) * inp + mask_prep
+    # Per chunk: operand copies and fp32 key/value gradient accumulators (when the inputs are not fp32).
+    chunk = convert_kv + (hc * s * (e + ev) * acc if acc != inp else 0)
     # Per query block: q and dO blocks, D and lse rows, the dq block, and per tile: scores/P, dP/dS, dropout
     # multipliers and the matmul results added into dq, dk and dv.
-    row_block = bhg * bm * (2 * e * op + 3 * ev * max(acc, op) + e * acc + 4 * acc)
-    tile = bhg * bm * bn * (2 * acc + mask_b + (40 if dropout else 0))
-    tile_grads = (bhg * bm * e + 2 * b * h * bn * max(e, ev)) * acc
-    backward = held + max(row_block + tile + tile_grads, grads_out) + small
+    row_block = hg * bm * (2 * e * op + 3 * ev * max(acc, op) + e * acc + 4 * acc)
+    tile = hg * bm * bn * (2 * acc + mask_b + (40 if dropout else 0))
+    tile_grads = (hg * bm * e + 2 * hc * bn * max(e, ev)) * acc
+    backward = held + chunk + row_block + tile + tile_grads + causal + small
     return max(forward, backward)
 
 
@@ -134,17 +169,20 @@ def _device_class(device: torch.device) -> str:
     return device_profile(device).device_class
 
 
-def _preferred_block_m(problem: AttentionProblem, tier: int, device_class: str) -> int:
-    b, h, g, length, s, e, ev = problem.dims
-    target = _PREFERRED[device_class][tier]
-    acc = _elt(TileMath.for_inputs(problem.query, problem.key, problem.value).acc_dtype)
-    if tier == 1:
-        rows = target // max(1, b * h * g * s * acc)
-    elif tier == 2:
-        rows = target // max(1, b * h * g * min(s, _preferred_block_n(problem, device_class)) * acc)
-    else:
-        rows = target // max(1, g * s * acc)
-    return _pow2_clip(rows, length)
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _balanced_rows(rows: int, length: int, floor: int) -> int:
+    """At most ``rows`` rows per block, evened out over ``ceil(L / rows)`` blocks (so a last block is not mostly
+    recomputed), never below ``floor``."""
+    rows = max(1, min(rows, length))
+    blocks = -(-length // rows)
+    return max(min(floor, length), -(-length // blocks))
 
 
 def _preferred_block_n(problem: AttentionProblem, device_class: str) -> int:
@@ -152,19 +190,44 @@ def _preferred_block_n(problem: AttentionProblem, device_class: str) -> int:
     return min(_pow2_floor(max(s, MIN_BLOCK)), 512 if device_class == "cpu" else 2048)
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, int(x)).bit_length() - 1)
+def _min_rows(problem: AttentionProblem) -> int:
+    """Query rows per head that give a score GEMM :data:`MIN_GEMM_ROWS` rows (``G`` heads share the GEMM), or L."""
+    g, length = problem.dims[2], problem.dims[3]
+    return min(max(MIN_BLOCK, _pow2_ceil(-(-MIN_GEMM_ROWS // g))), max(length, 1))
 
 
-def _pow2_clip(rows: int, length: int) -> int:
-    rows = max(MIN_BLOCK, _pow2_floor(max(rows, 1)))
-    return min(rows, max(MIN_BLOCK, length))
+def _preferred_blocks(
+    problem: AttentionProblem, tier: int, device_class: str, tm: TileMath, block_n: Optional[int] = None
+) -> Tuple[int, int, int]:
+    """``(block_h, block_m, block_n)`` whose scores step is about the preferred bytes for the device.
+
+    All batch-head pairs go into one step while that leaves at least :data:`MIN_GEMM_ROWS` GEMM rows per head;
+    beyond that the pairs are chunked instead (tier 3 always runs one pair).
+    """
+    b, h, g, length, s, e, ev = problem.dims
+    pairs = b * h
+    target = _PREFERRED[device_class][tier]
+    acc = _elt(tm.acc_dtype)
+    bn = (block_n or _preferred_block_n(problem, device_class)) if tier == 2 else max(s, 1)
+    cols = max(1, min(s, bn))
+    min_rows = _min_rows(problem)
+    row_cap = length
+    if problem.is_causal and tier in (1, 3):
+        row_cap = max(min_rows, _pow2_floor(max(1, length // _CAUSAL_ROW_SHARE)))
+    if tier == 3:
+        rows = min(row_cap, target // max(1, g * cols * acc))
+        return 1, _balanced_rows(max(rows, min_rows), max(length, 1), min_rows), bn
+    rows_all = min(row_cap, target // max(1, pairs * g * cols * acc))
+    if rows_all >= min_rows:
+        return pairs, _balanced_rows(rows_all, max(length, 1), min_rows), bn
+    heads = max(1, min(pairs, target // max(1, g * min_rows * cols * acc)))
+    return heads, min_rows, bn
 
 
-def _block_ladder(start: int) -> List[int]:
+def _ladder(start: int, floor: int = MIN_BLOCK) -> List[int]:
     ladder = [start]
-    while ladder[-1] > MIN_BLOCK:
-        ladder.append(max(MIN_BLOCK, ladder[-1] // 2))
+    while ladder[-1] > floor:
+        ladder.append(max(floor, ladder[-1] // 2))
     return ladder
 
 
@@ -176,22 +239,41 @@ def candidate_plans(
     tiers: Optional[Sequence[int]] = None,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
+    tile_math: Optional[TileMath] = None,
 ) -> Iterator[Plan]:
-    """Every plan worth trying, fastest first: each tier in preference order, blocks from preferred to smallest.
+    """Every plan worth trying, fastest first: each tier in preference order; within a tier the preferred step,
+    then fewer batch-head pairs per step, then smaller query blocks (and key blocks for tier 2).
 
     Explicit ``block_m``/``block_n`` pin the first candidate of each tier; the later ones halve from there.
     """
     device_class = _device_class(problem.query.device)
+    tm = tile_math or planning_math(problem)
     order = tuple(tiers) if tiers is not None else _TIER_ORDER[(device_class, requires_grad)]
-    s = problem.dims[4]
+    b, h, g, length, s, e, ev = problem.dims
+    pairs = b * h
     for tier in order:
-        bm0 = block_m or _preferred_block_m(problem, tier, device_class)
-        bn0 = (block_n or _preferred_block_n(problem, device_class)) if tier == 2 else max(s, 1)
-        for bm in _block_ladder(bm0):
-            bns = _block_ladder(bn0) if tier == 2 else [bn0]
-            for bn in bns:
-                peak = predict_peak_bytes(problem, tier, bm, bn, requires_grad, dropout)
-                yield Plan(tier, bm, bn, peak, budget_bytes, requires_grad, "")
+        bh0, bm0, bn0 = _preferred_blocks(problem, tier, device_class, tm, block_n)
+        if block_m is not None:
+            bm0 = block_m
+            if tier != 3:  # as many pairs as the preferred step bytes allow at these rows
+                cols = max(1, min(s, bn0))
+                target = _PREFERRED[device_class][tier]
+                bh0 = max(1, min(pairs, target // max(1, g * min(bm0, max(length, 1)) * cols * _elt(tm.acc_dtype))))
+
+        def make(bh: int, bm: int, bn: int, tier: int = tier) -> Plan:
+            peak = predict_peak_bytes(problem, tier, bm, bn, requires_grad, dropout, block_h=bh, tile_math=tm)
+            return Plan(tier, bm, bn, peak, budget_bytes, requires_grad, "", bh if bh < pairs else 0)
+
+        # Rows down to the GEMM floor, then fewer pairs per step, then rows (and keys) below the floor.
+        rows = _ladder(bm0, min(bm0, _min_rows(problem)))
+        for bm in rows:
+            yield make(bh0, bm, bn0)
+        if tier != 3:
+            for bh in _ladder(bh0, 1)[1:]:
+                yield make(bh, rows[-1], bn0)
+        for bm in _ladder(rows[-1]):
+            for bn in _ladder(bn0) if tier == 2 else [bn0]:
+                yield make(1, bm, bn)
 
 
 def _fast_path_plan(problem: AttentionProblem, budget: int, requires_grad: bool) -> Optional[Plan]:
@@ -225,10 +307,11 @@ def plan_problem(
         fast = _fast_path_plan(problem, budget, requires_grad)
         if fast is not None:
             return fast
-    cands = list(candidate_plans(problem, budget, requires_grad, dropout, None, block_m, block_n))
-    for cand in cands:
+    cands = []
+    for cand in candidate_plans(problem, budget, requires_grad, dropout, None, block_m, block_n):
         if cand.fits:
             return replace(cand, reason=f"fastest tier that fits {budget / _MiB:.0f} MiB")
+        cands.append(cand)
     # Nothing fits: the fixed costs (output, gradients) dominate, so take the fastest plan within 5% of the
     # smallest rather than the tiniest blocks.
     floor = min(c.peak_bytes for c in cands) * 1.05

@@ -95,7 +95,7 @@ def _retry_plans(problem: AttentionProblem, first: Plan, tier: TierArg, block_m,
     tier's halved blocks before the other tiers (those only under ``tier="auto"``)."""
     tiers = (first.tier,) if tier != "auto" else None
     cands = candidate_plans(problem, first.budget_bytes, first.requires_grad, dropout, tiers, block_m, block_n)
-    smaller = {(c.tier, c.block_m, c.block_n): c for c in cands if c.peak_bytes < first.peak_bytes}
+    smaller = {(c.tier, c.block_h, c.block_m, c.block_n): c for c in cands if c.peak_bytes < first.peak_bytes}
     return sorted(smaller.values(), key=lambda c: c.tier != first.tier)
 
 
@@ -111,10 +111,11 @@ def _run_plan(
         out, _ = attention_forward_op(
             problem.query, problem.key, problem.value, problem.mask, problem.is_causal, problem.scale,
             dropout.p if dropout else 0.0, dropout.seed if dropout else 0, p.tier, p.block_m, p.block_n, pinned,
+            p.block_h,
         )
         return out
     with torch.no_grad():
-        out, _ = run_forward(problem, p.tier, p.block_m, p.block_n, dropout, need_lse=False)
+        out, _ = run_forward(problem, p.tier, p.block_m, p.block_n, dropout, need_lse=False, block_h=p.block_h)
     return out
 
 
@@ -230,8 +231,7 @@ def scaled_dot_product_attention(
         _note_fp32(query)
         dropout = None
         if use_dropout:
-            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
-            dropout = DropoutSpec(float(dropout_p), seed)
+            dropout = DropoutSpec.draw(dropout_p)
         out5, used = _dispatch(problem, first, tier, block_m, block_n, dropout, with_grad)
         out = out5.reshape(problem.out_shape)
     if telemetry.has_listeners() and not torch.compiler.is_compiling():

@@ -1,10 +1,18 @@
 """Tier 2: online-softmax attention, tiled over queries and keys.
 
-Flash-attention style: for each block of ``block_m`` query rows, walk the keys in blocks of ``block_n`` keeping a
-running row max and row sum in fp32 and rescaling the accumulator. Tiles that are entirely masked or above the causal
-diagonal are skipped. Working memory is ``O(block_m * block_n)`` per head plus the ``O(block_m * Ev)``
-accumulator; nothing is clamped, so results match a float64 reference to rounding.
+For each chunk of ``block_h`` batch-head pairs and each block of ``block_m`` query rows, walk the keys in blocks of
+``block_n`` keeping a running row max and row sum in fp32 and rescaling the accumulator. Key blocks above the
+causal diagonal are never visited; tiles that cross it are masked right of the diagonal only. Working memory is
+``O(block_h * G * block_m * block_n)`` plus the ``O(block_h * G * block_m * Ev)`` accumulator; nothing is clamped,
+so results match a float64 reference to rounding.
 """
+
+# implementation of:
+#   online softmax: Milakov and Gimelshein 2018, "Online normalizer calculation for softmax",
+#     https://arxiv.org/abs/1805.02867
+#   FlashAttention-2 forward (query blocks outer, key blocks inner, one rescale per tile, log-sum-exp out):
+#     Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+#     https://arxiv.org/abs/2307.08691
 
 from __future__ import annotations
 
@@ -14,14 +22,16 @@ import torch
 
 from .problem import AttentionProblem
 from .tiles import (
+    NEG_INF,
     DropoutSpec,
+    HeadChunk,
+    TileMasks,
     TileMath,
-    apply_tile_masks,
-    causal_tile_state,
     dropout_keep_scale,
+    guard_dead_rows,
+    head_chunks,
     head_index,
-    mask_tile,
-    tile_is_dead,
+    row_blocks,
 )
 
 __all__ = ["tier2_forward"]
@@ -33,8 +43,15 @@ def tier2_forward(
     block_n: int,
     dropout: Optional[DropoutSpec] = None,
     need_lse: bool = True,
+    block_h: int = 0,
+    tile_math: Optional[TileMath] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run tier 2.
+
+    Args:
+        block_m, block_n: query rows and keys per tile.
+        block_h: batch-head pairs per step (0: all).
+        tile_math: the call's precision policy, when the caller already made it.
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype, and the row log-sum-exp ``(B, H, G, L)`` (``-inf`` on
@@ -42,33 +59,48 @@ def tier2_forward(
     """
     q, k, v = problem.query, problem.key, problem.value
     b, h, g, length, s, e, ev = problem.dims
-    tm = TileMath.for_inputs(q, k, v)
-    kt = tm.operand(k).transpose(-1, -2)
-    vo = tm.operand(v)
-    acc_dtype = tm.acc_dtype
+    tm = tile_math or TileMath.for_inputs(q, k, v)
     out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, g, length, dtype=acc_dtype, device=q.device) if need_lse else None
-    neg_inf = float("-inf")
-    heads = head_index(b, h, g, q.device) if dropout is not None else None
-    for i0 in range(0, length, block_m):
-        i1 = min(length, i0 + block_m)
+    lse = torch.empty(b, h, g, length, dtype=tm.acc_dtype, device=q.device) if need_lse else None
+    masks = TileMasks(problem.mask, problem.is_causal, tm.acc_dtype)
+    for chunk in head_chunks(b, h, block_h):
+        _chunk_forward(problem, chunk, masks.for_chunk(chunk), tm, block_m, block_n, dropout, out, lse)
+    return out, lse
+
+
+def _chunk_forward(
+    problem: AttentionProblem,
+    chunk: HeadChunk,
+    masks: TileMasks,
+    tm: TileMath,
+    block_m: int,
+    block_n: int,
+    dropout: Optional[DropoutSpec],
+    out: torch.Tensor,
+    lse: Optional[torch.Tensor],
+) -> None:
+    """Tier 2 on one chunk of batch-head pairs, writing its rows of ``out`` and ``lse``."""
+    _, _, g, length, s, e, ev = problem.dims
+    q = chunk.of(problem.query)
+    kt = tm.operand(chunk.of(problem.key)).transpose(-1, -2)
+    vo = tm.operand(chunk.of(problem.value))
+    out_c, lse_c = chunk.of(out), chunk.of(lse)
+    hb, hh = q.shape[:2]
+    acc_dtype, device = tm.acc_dtype, q.device
+    heads = head_index(hb, hh, g, device, offset=chunk.first * g) if dropout is not None else None
+    for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
-        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(b, h, g * bm, e)
-        acc = torch.zeros(b, h, g * bm, ev, dtype=acc_dtype, device=q.device)
-        run_max = torch.full((b, h, g, bm, 1), neg_inf, dtype=acc_dtype, device=q.device)
-        run_sum = torch.zeros(b, h, g, bm, 1, dtype=acc_dtype, device=q.device)
-        for j0 in range(0, s, block_n):
-            j1 = min(s, j0 + block_n)
-            state = causal_tile_state(i0, i1, j0, j1) if problem.is_causal else 1
-            if state == 0:
-                break  # every later key block is further above the diagonal
-            mtile = mask_tile(problem.mask, i0, i1, j0, j1)
-            if tile_is_dead(mtile):
-                continue
-            scores = tm.matmul(qb, kt[..., j0:j1]).view(b, h, g, bm, j1 - j0)
-            apply_tile_masks(scores, mtile, state, i0, j0)
+        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
+        acc = torch.zeros(hb, hh, g * bm, ev, dtype=acc_dtype, device=device)
+        run_max = torch.full((hb, hh, g, bm, 1), NEG_INF, dtype=acc_dtype, device=device)
+        run_sum = torch.zeros(hb, hh, g, bm, 1, dtype=acc_dtype, device=device)
+        s_end = min(s, i1) if problem.is_causal else s  # later key blocks lie above the causal diagonal
+        for j0 in range(0, s_end, block_n):
+            j1 = min(s_end, j0 + block_n)
+            scores = tm.matmul(qb, kt[..., j0:j1]).view(hb, hh, g, bm, j1 - j0)
+            masks.apply(scores, i0, i1, j0, j1)
             new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
-            safe_max = torch.where(new_max == neg_inf, 0.0, new_max)
+            safe_max = guard_dead_rows(new_max, NEG_INF, 0.0)
             probs = scores.sub_(safe_max).exp_()
             correction = (run_max - safe_max).exp_()
             run_sum.mul_(correction).add_(probs.sum(-1, keepdim=True))
@@ -76,14 +108,13 @@ def tier2_forward(
                 keep = dropout_keep_scale(dropout, heads, length, s, i0, i1, j0, j1, probs.dtype)
                 probs.mul_(keep)
                 del keep
-            acc.view(b, h, g, bm, ev).mul_(correction)
-            acc.add_(tm.matmul(probs.view(b, h, g * bm, j1 - j0), vo[..., j0:j1, :]))
+            acc.view(hb, hh, g, bm, ev).mul_(correction)
+            acc.add_(tm.matmul(probs.view(hb, hh, g * bm, j1 - j0), vo[..., j0:j1, :]))
             run_max = new_max
             del scores, probs
-        acc5 = acc.view(b, h, g, bm, ev)
-        acc5.div_(torch.where(run_sum == 0, 1.0, run_sum))
-        out[:, :, :, i0:i1].copy_(acc5)
-        if lse is not None:
-            lse[:, :, :, i0:i1] = (torch.where(run_max == neg_inf, 0.0, run_max) + run_sum.log()).squeeze(-1)
+        acc5 = acc.view(hb, hh, g, bm, ev)
+        acc5.div_(guard_dead_rows(run_sum, 0.0, 1.0))
+        out_c[:, :, :, i0:i1].copy_(acc5)
+        if lse_c is not None:
+            lse_c[:, :, :, i0:i1] = (guard_dead_rows(run_max, NEG_INF, 0.0) + run_sum.log()).squeeze(-1)
         del acc, acc5, qb
-    return out, lse
