@@ -122,11 +122,11 @@ def _chunk_backward(
     heads = head_index(hb, hh, g, device, offset=chunk.first * g) if dropout is not None else None
     for i0, i1 in row_blocks(length, block_m):
         bm = i1 - i0
-        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
+        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
         dout_b = dout_c[:, :, :, i0:i1]
         # D = rowsum(dO * O) and the guarded log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
         d_b = (dout_b.to(acc) * out_c[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
-        lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf"))
+        lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf")) * masks.units
         dob = tm.operand(dout_b).reshape(hb, hh, g * bm, ev)
         dq_b = torch.zeros(hb, hh, g * bm, e, dtype=acc, device=device)
         s_end = min(s, i1) if problem.is_causal else s  # later key blocks lie above the causal diagonal
@@ -135,7 +135,7 @@ def _chunk_backward(
             bn = j1 - j0
             scores = tm.matmul(qb, kt[..., j0:j1]).view(hb, hh, g, bm, bn)
             masks.apply(scores, i0, i1, j0, j1)
-            probs = scores.sub_(lse_b).exp_()
+            probs = masks.exp_(scores.sub_(lse_b))
             keep = None
             if dropout is not None:
                 keep = dropout_keep_scale(dropout, heads, length, s, i0, i1, j0, j1, acc)
@@ -155,7 +155,7 @@ def _chunk_backward(
                 dm_tile.add_(_reduce_to(ds, dm_tile.shape))
             ds3 = ds.view(hb, hh, g * bm, bn)
             dq_b.add_(tm.matmul(ds3, ko[..., j0:j1, :]))
-            dk_acc[:, :, j0:j1].add_(tm.matmul(ds3.transpose(-1, -2), qb))
+            dk_acc[:, :, j0:j1].add_(tm.matmul(ds3.transpose(-1, -2), qb), alpha=1.0 / masks.units)
             del ds, ds3, dp, scores
         dq_c[:, :, :, i0:i1] = dq_b.view(hb, hh, g, bm, e).mul_(problem.scale)
         del dq_b, qb, dob

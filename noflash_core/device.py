@@ -420,4 +420,16 @@ def device_profile(device: Optional[object] = None) -> DeviceProfile:
         device = device.device
     if device is not None and torch.device(device).type == "meta":
         return _simulated() or _META
-    return _real_profile(str(resolve_device(device)))
+    return _PROFILES[_ensure_profile(str(resolve_device(device)))]
+
+
+_PROFILES: Dict[str, DeviceProfile] = {}
+
+
+@torch.compiler.assume_constant_result
+def _ensure_profile(key: str) -> str:
+    """Build the profile of ``key`` into ``_PROFILES`` once. torch.compile runs this at trace time instead of
+    tracing the probes (file reads, test calls), and then traces only the dict lookup: no graph break."""
+    if key not in _PROFILES:
+        _PROFILES[key] = _real_profile(key)
+    return key

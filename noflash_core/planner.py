@@ -131,7 +131,10 @@ def predict_peak_bytes(
     mask_b = 1 if mask is not None and mask.dtype == torch.bool and mask.shape[-2] != 1 else 0
     # A key-padding bool mask becomes a 0/-inf bias once per call (its negation is transient).
     mask_prep = mask.numel() * (acc + 1) if mask is not None and mask.dtype == torch.bool and mask_b == 0 else 0
-    per_elt = acc + mask_b + (40 if dropout else 0)
+    # Per score element: the fp32 score, its half copy for the P @ V matmul (half operands), a bool mask tile's
+    # negation and the dropout hash temporaries.
+    half_p = op if op != acc else 0
+    per_elt = acc + half_p + mask_b + (40 if dropout else 0)
     if tier == 0:
         return 2 * bhg * length * s * acc + out
     s_vis = min(s, length) if problem.is_causal else s  # keys the last query block can see
@@ -159,7 +162,7 @@ def predict_peak_bytes(
     # Per query block: q and dO blocks, D and lse rows, the dq block, and per tile: scores/P, dP/dS, dropout
     # multipliers and the matmul results added into dq, dk and dv.
     row_block = hg * bm * (2 * e * op + 3 * ev * max(acc, op) + e * acc + 4 * acc)
-    tile = hg * bm * bn * (2 * acc + mask_b + (40 if dropout else 0))
+    tile = hg * bm * bn * (2 * acc + half_p + mask_b + (40 if dropout else 0))
     tile_grads = (hg * bm * e + 2 * hc * bn * max(e, ev)) * acc
     backward = held + chunk + row_block + tile + tile_grads + causal + small
     return max(forward, backward)
@@ -264,13 +267,16 @@ def candidate_plans(
             peak = predict_peak_bytes(problem, tier, bm, bn, requires_grad, dropout, block_h=bh, tile_math=tm)
             return Plan(tier, bm, bn, peak, budget_bytes, requires_grad, "", bh if bh < pairs else 0)
 
-        # Rows down to the GEMM floor, then fewer pairs per step, then rows (and keys) below the floor.
+        # Rows (and keys) down to the GEMM floor, then fewer pairs per step, then rows and keys below the floor.
         rows = _ladder(bm0, min(bm0, _min_rows(problem)))
+        wide = _ladder(bn0, min(bn0, MIN_GEMM_ROWS)) if tier == 2 else [bn0]
         for bm in rows:
-            yield make(bh0, bm, bn0)
+            for bn in wide:
+                yield make(bh0, bm, bn)
         if tier != 3:
             for bh in _ladder(bh0, 1)[1:]:
-                yield make(bh, rows[-1], bn0)
+                for bn in wide:
+                    yield make(bh, rows[-1], bn)
         for bm in _ladder(rows[-1]):
             for bn in _ladder(bn0) if tier == 2 else [bn0]:
                 yield make(1, bm, bn)

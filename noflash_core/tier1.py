@@ -91,13 +91,13 @@ def _chunk_forward(
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
         s_end = min(s, i1) if problem.is_causal else s
-        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
+        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
         scores = tm.matmul(qb, kt[..., :s_end]).view(hb, hh, g, bm, s_end)
         masks.apply(scores, i0, i1, 0, s_end)
         row_max = scores.amax(-1, keepdim=True)
         if masks.can_die:
             row_max = guard_dead_rows(row_max, NEG_INF, 0.0)
-        probs = scores.sub_(row_max).exp_()
+        probs = masks.exp_(scores.sub_(row_max))
         row_sum = probs.sum(-1, keepdim=True)
         if dropout is not None:
             probs.mul_(dropout_keep_scale(dropout, heads, length, s, i0, i1, 0, s_end, probs.dtype))
@@ -105,5 +105,5 @@ def _chunk_forward(
         ob.div_(guard_dead_rows(row_sum, 0.0, 1.0) if masks.can_die else row_sum)
         out_c[:, :, :, i0:i1].copy_(ob)
         if lse_c is not None:
-            lse_c[:, :, :, i0:i1] = (row_max + row_sum.log()).squeeze(-1)
+            lse_c[:, :, :, i0:i1] = masks.lse(row_max, row_sum).squeeze(-1)
         del scores, probs, ob, qb

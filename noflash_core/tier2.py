@@ -90,7 +90,7 @@ def _chunk_forward(
     heads = head_index(hb, hh, g, device, offset=chunk.first * g) if dropout is not None else None
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
-        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
+        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
         acc = torch.zeros(hb, hh, g * bm, ev, dtype=acc_dtype, device=device)
         run_max = torch.full((hb, hh, g, bm, 1), NEG_INF, dtype=acc_dtype, device=device)
         run_sum = torch.zeros(hb, hh, g, bm, 1, dtype=acc_dtype, device=device)
@@ -101,8 +101,8 @@ def _chunk_forward(
             masks.apply(scores, i0, i1, j0, j1)
             new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
             safe_max = guard_dead_rows(new_max, NEG_INF, 0.0)
-            probs = scores.sub_(safe_max).exp_()
-            correction = (run_max - safe_max).exp_()
+            probs = masks.exp_(scores.sub_(safe_max))
+            correction = masks.exp_(run_max - safe_max)
             run_sum.mul_(correction).add_(probs.sum(-1, keepdim=True))
             if dropout is not None:
                 keep = dropout_keep_scale(dropout, heads, length, s, i0, i1, j0, j1, probs.dtype)
@@ -116,5 +116,5 @@ def _chunk_forward(
         acc5.div_(guard_dead_rows(run_sum, 0.0, 1.0))
         out_c[:, :, :, i0:i1].copy_(acc5)
         if lse_c is not None:
-            lse_c[:, :, :, i0:i1] = (guard_dead_rows(run_max, NEG_INF, 0.0) + run_sum.log()).squeeze(-1)
+            lse_c[:, :, :, i0:i1] = masks.lse(guard_dead_rows(run_max, NEG_INF, 0.0), run_sum).squeeze(-1)
         del acc, acc5, qb

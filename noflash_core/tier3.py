@@ -75,7 +75,7 @@ def tier3_forward(
             for i0, i1 in blocks:
                 bm = i1 - i0
                 s_end = min(s, i1) if problem.is_causal else s
-                qb = (tm.operand(q[bi, hi, :, i0:i1]) * problem.scale).reshape(g * bm, e)
+                qb = (tm.operand(q[bi, hi, :, i0:i1]) * (problem.scale * masks.units)).reshape(g * bm, e)
                 scores = scratch[: g * bm * s_end].view(g * bm, s_end)
                 tm.matmul(qb, kt[:, :s_end], out=scores)
                 s5 = scores.view(1, 1, g, bm, s_end)
@@ -83,7 +83,7 @@ def tier3_forward(
                 row_max = scores.amax(-1, keepdim=True)
                 if head_masks.can_die:
                     row_max = guard_dead_rows(row_max, NEG_INF, 0.0)
-                scores.sub_(row_max).exp_()
+                head_masks.exp_(scores.sub_(row_max))
                 row_sum = scores.sum(-1, keepdim=True)
                 if head_masks.can_die:
                     row_sum = guard_dead_rows(row_sum, 0.0, 1.0)

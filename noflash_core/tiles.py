@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634
+"""``log2(e)``: scores scaled by it give ``exp(x) = exp2(x * log2(e))``."""
+LN2 = 0.6931471805599453
 _HALF = (torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
 
@@ -249,13 +252,23 @@ class TileMasks:
     None of it reads values on the host. A tile that the mask hides entirely is still computed (its weights come
     out 0); skipping it would need a host read, a device sync, per call.
 
+    The masks also fix the exponential's base. Hidden positions are -inf, and ``exp`` of -inf (or of anything that
+    underflows) takes a slow path in CPU vector math, several times slower than a finite input, while ``exp2`` does
+    not. So scores are kept in base-2 units (``q`` scaled by ``scale * log2(e)``, then ``exp2``), as
+    FlashAttention-2 does on GPUs, whenever the masks are ours (bool masks and causal: 0 and -inf, the same in
+    either base). A caller's float mask is added in natural units instead (``scale`` alone, then ``exp``): its
+    finite values times ``log2(e)`` could overflow to -inf, and a row masked entirely by ``-finfo.max`` must stay a
+    uniform average, as in torch's math backend.
+
     Attributes:
         mask: the prepared mask ``(Bm, Hm, Gm, Lm|1, Sm|1)``, float (added) or bool (kept), or None.
         is_causal: top-left causal masking.
         can_die: whether a query row can have every key hidden (a mask is present).
+        units: what one natural-log unit of a score is in the working units: ``log2(e)`` or 1.
     """
 
     def __init__(self, mask: Optional[torch.Tensor], is_causal: bool, acc_dtype: torch.dtype) -> None:
+        self.base2 = mask is None or mask.dtype == torch.bool
         if mask is not None and mask.dtype == torch.bool and mask.shape[-2] == 1:
             mask = torch.zeros(mask.shape, dtype=acc_dtype, device=mask.device).masked_fill_(
                 mask.logical_not(), NEG_INF
@@ -263,16 +276,23 @@ class TileMasks:
         self.mask = mask
         self.is_causal = bool(is_causal)
         self.can_die = mask is not None
+        self.units = LOG2E if self.base2 else 1.0
         self._hidden: Dict[Tuple[int, int, int], torch.Tensor] = {}
 
     def for_chunk(self, chunk: HeadChunk) -> TileMasks:
         """The same masks restricted to one :class:`HeadChunk` (views; the causal cache is shared)."""
         sub = TileMasks.__new__(TileMasks)
+        sub.__dict__.update(self.__dict__)
         sub.mask = chunk.of_mask(self.mask)
-        sub.is_causal = self.is_causal
-        sub.can_die = self.can_die
-        sub._hidden = self._hidden
         return sub
+
+    def exp_(self, x: torch.Tensor) -> torch.Tensor:
+        """``exp`` of natural-unit ``x / units`` in place: ``exp2_`` in base-2 units, else ``exp_``."""
+        return x.exp2_() if self.base2 else x.exp_()
+
+    def lse(self, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
+        """The natural log-sum-exp of rows from their working-unit max (guarded) and their sum."""
+        return row_max * (1.0 / self.units) + row_sum.log()
 
     def apply(self, scores: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
         """Mask the scores tile ``(b, h, G, i1 - i0, j1 - j0)`` of rows ``i0:i1`` and keys ``j0:j1`` in place."""
