@@ -136,7 +136,10 @@ def predict_peak_bytes(
     half_p = op if op != acc else 0
     per_elt = acc + half_p + mask_b + (40 if dropout else 0)
     if tier == 0:
-        return 2 * bhg * length * s * acc + out
+        # torch's math SDPA: scores and probabilities; half inputs are upcast (q, k, v and the output in fp32).
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        upcast = (bhg * length * (e + ev) + pairs * s * (e + ev)) * acc if half else 0
+        return 2 * bhg * length * s * acc + out + upcast
     s_vis = min(s, length) if problem.is_causal else s  # keys the last query block can see
     if tier == 3:
         one_head = s * (e + ev) * op if tm.operand_dtype != q.dtype else 0

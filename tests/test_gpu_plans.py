@@ -175,7 +175,7 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("block_h", [1, 2, 3, 5])
+@pytest.mark.parametrize("block_h", [1, 2, 3])
 @pytest.mark.parametrize("tier", [1, 2])
 @pytest.mark.parametrize("mask", sorted(MASKS))
 def test_chunked_pairs_forward_and_backward_are_exact(tier, block_h, mask):
@@ -223,20 +223,22 @@ def test_causal_skips_hidden_work():
     q, k, v = _qkv((1, 2, 512, 16), (1, 2, 512, 16), grad=True)
     full = 2 * 2 * 512 * 512 * 16  # QK^T and PV multiply-adds, both heads
 
-    def work(fn):
+    def work(fn, *args):
         counter = OpCounter()
         with counter:
-            fn()
+            fn(*args)
         return sum(batch * rows * inner * cols for _, batch, rows, inner, cols in counter.gemms)
 
-    for tier in (1, 2, 3):
+    def forward(tier):
         with torch.no_grad():
-            done = work(lambda: nf.scaled_dot_product_attention(q, k, v, is_causal=True, tier=tier, block_m=32,
-                                                                block_n=32))
+            return nf.scaled_dot_product_attention(q, k, v, is_causal=True, tier=tier, block_m=32, block_n=32)
+
+    for tier in (1, 2, 3):
+        done = work(forward, tier)
         assert done <= 0.56 * full, (tier, done / full)
     for tier in (1, 2):
         out = nf.scaled_dot_product_attention(q, k, v, is_causal=True, tier=tier, block_m=32, block_n=32)
-        done = work(lambda: out.sum().backward())
+        done = work(out.sum().backward)
         assert done <= 0.56 * 2 * full, (tier, done / (2 * full))  # backward: 4 GEMMs per tile
         q.grad = k.grad = v.grad = None
     assert math.isclose(full, 16777216)

@@ -17,6 +17,7 @@ from noflash_core import tiles
 from noflash_core.device import get_preset
 from tests.support.ops import OpCounter
 
+
 def _inputs(dtype=torch.float32, grad=False, hq=4, hk=4):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, hq, 96, 16, generator=g).to(dtype).requires_grad_(grad)

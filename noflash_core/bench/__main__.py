@@ -5,6 +5,8 @@ Examples::
     python -m noflash_core.bench --quick
     python -m noflash_core.bench --sizes 2048,4096 --threads 2 --out bench/out/focus
     python -m noflash_core.bench --comfy /path/to/ComfyUI --dtype fp16 --device cuda
+    python -m noflash_core.bench --variants none,causal,pad,cross --threads 2 --out bench/out/variants
+    python -m noflash_core.bench --gpu-check
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy comparison")
     p.add_argument("--verbose", "-v", action="store_true")
+    modes = p.add_argument_group("other modes")
+    modes.add_argument("--variants", metavar="LIST",
+                       help="mask variants side by side (none,causal,pad,cross or all): noflash auto vs torch's "
+                            "default and math SDPA, forward (default N 2048,4096, fp32, 7 interleaved rounds)")
+    modes.add_argument("--gpu-check", action="store_true",
+                       help="device tests + fp16/bf16 benchmark at N=4k-64k + planner-vs-measured peaks, written to "
+                            "bench/results/<device>/ (exit 2 when there is no GPU; --device cpu runs it on the CPU)")
+    modes.add_argument("--no-tests", action="store_true", help="--gpu-check: skip the device test suite")
+    modes.add_argument("--time-budget", type=float, default=480.0,
+                       help="--gpu-check: seconds for the whole check (default 480)")
     return p
 
 
@@ -102,10 +114,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    cfg = config_from_args(args)
     command = "python -m noflash_core.bench " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    if args.gpu_check:
+        from .gpu_check import gpu_check_main
+
+        return gpu_check_main(args, args.sizes, command.strip(), build_parser().get_default("out"))
+    if args.variants:
+        return _variants_main(args, command.strip())
+    cfg = config_from_args(args)
     os.makedirs(args.out, exist_ok=True)
     result = run_bench(cfg, progress=not args.no_progress)
     plots = [] if args.no_plots else write_plots(result, args.out)
@@ -113,6 +131,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     js = write_json(result, os.path.join(args.out, "results.json"), command.strip())
     sys.stdout.write(render_markdown(result, command.strip(), plots) + "\n")
     logger.info("wrote %s", ", ".join([md, js, *plots]))
+    return 0
+
+
+def _variants_main(args: argparse.Namespace, command: str) -> int:
+    from .variants import render_variants_markdown, run_variants, variants_config_from_args, write_variants
+
+    try:
+        cfg = variants_config_from_args(args, args.sizes)
+    except ValueError as exc:
+        raise SystemExit(f"--variants: {exc}") from None
+    result = run_variants(cfg)
+    paths = write_variants(result, args.out, command)
+    sys.stdout.write(render_variants_markdown(result, command) + "\n")
+    logger.info("wrote %s", ", ".join(paths))
     return 0
 
 
