@@ -50,13 +50,13 @@ def run_forward(
     block_h: int = 0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Run one tier's forward on a canonical problem: ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` or None.
-    ``block_h`` batch-head pairs run per step (0: all; tier 3 always runs one)."""
+    ``block_h`` batch-head pairs run per step (0: all)."""
     if tier == 1:
         return tier1_forward(problem, block_m, dropout, need_lse, block_h)
     if tier == 2:
         return tier2_forward(problem, block_m, block_n, dropout, need_lse, block_h)
     if tier == 3:
-        return tier3_forward(problem, block_m, dropout), None
+        return tier3_forward(problem, block_m, dropout, None, block_h), None
     raise ValueError(f"tier must be 1, 2 or 3, got {tier!r}")
 
 

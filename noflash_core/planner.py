@@ -40,7 +40,7 @@ MIN_BLOCK = 16
 _DECODE_MAX_L = 16
 _TRIVIAL_SCORE_BYTES = 8 * 1024 * 1024
 _MiB = 1024 * 1024
-# Preferred scores-block bytes per step (all batch-head pairs of the step together; one head for tier 3).
+# Preferred scores-block bytes per step (all batch-head pairs of the step together).
 # CPU figures are measured (bench/results/cpu-epyc-2core); GPU figures are unmeasured guesses.
 _PREFERRED = {
     "cpu": {1: 16 * _MiB, 2: 4 * _MiB, 3: 8 * _MiB},
@@ -75,7 +75,7 @@ class Plan:
         budget_bytes: the budget the plan was made for.
         requires_grad: whether the plan covers a backward pass.
         reason: why this plan was chosen.
-        block_h: batch-head pairs per step (tiers 1 and 2; tier 3 runs one); 0 means all.
+        block_h: batch-head pairs per step; 0 means all.
     """
 
     tier: int
@@ -141,14 +141,14 @@ def predict_peak_bytes(
         upcast = (bhg * length * (e + ev) + pairs * s * (e + ev)) * acc if half else 0
         return 2 * bhg * length * s * acc + out + upcast
     s_vis = min(s, length) if problem.is_causal else s  # keys the last query block can see
-    if tier == 3:
-        one_head = s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
-        causal = 4 * bm * bm if problem.is_causal else 0
-        small = 6 * g * bm * acc + 4096
-        return out + mask_prep + one_head + causal + g * bm * (s_vis * per_elt + e * 2 * op + ev * acc) + small
     hc = pairs if block_h <= 0 else min(block_h, pairs)
     hg = hc * g
     small = 6 * hg * bm * acc + 4096
+    if tier == 3:
+        # One reused scratch for the scores and one for P @ V; the chunk's operand copies.
+        chunk_kv = hc * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
+        causal = 4 * bm * bm if problem.is_causal else 0
+        return out + mask_prep + chunk_kv + causal + hg * bm * (s_vis * per_elt + e * 2 * op + ev * acc) + small
     bn = s_vis if tier == 1 else max(1, min(block_n, s_vis))
     causal = 4 * bm * min(bm, bn) if problem.is_causal else 0
     convert_kv = hc * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
@@ -208,7 +208,7 @@ def _preferred_blocks(
     """``(block_h, block_m, block_n)`` whose scores step is about the preferred bytes for the device.
 
     All batch-head pairs go into one step while that leaves at least :data:`MIN_GEMM_ROWS` GEMM rows per head;
-    beyond that the pairs are chunked instead (tier 3 always runs one pair).
+    beyond that the pairs are chunked instead.
     """
     b, h, g, length, s, e, ev = problem.dims
     pairs = b * h
@@ -220,9 +220,6 @@ def _preferred_blocks(
     row_cap = length
     if problem.is_causal and tier in (1, 3):
         row_cap = max(min_rows, _pow2_floor(max(1, length // _CAUSAL_ROW_SHARE)))
-    if tier == 3:
-        rows = min(row_cap, target // max(1, g * cols * acc))
-        return 1, _balanced_rows(max(rows, min_rows), max(length, 1), min_rows), bn
     rows_all = min(row_cap, target // max(1, pairs * g * cols * acc))
     if rows_all >= min_rows:
         return pairs, _balanced_rows(rows_all, max(length, 1), min_rows), bn
@@ -261,10 +258,10 @@ def candidate_plans(
         bh0, bm0, bn0 = _preferred_blocks(problem, tier, device_class, tm, block_n)
         if block_m is not None:
             bm0 = block_m
-            if tier != 3:  # as many pairs as the preferred step bytes allow at these rows
-                cols = max(1, min(s, bn0))
-                target = _PREFERRED[device_class][tier]
-                bh0 = max(1, min(pairs, target // max(1, g * min(bm0, max(length, 1)) * cols * _elt(tm.acc_dtype))))
+            # as many pairs as the preferred step bytes allow at these rows
+            cols = max(1, min(s, bn0))
+            target = _PREFERRED[device_class][tier]
+            bh0 = max(1, min(pairs, target // max(1, g * min(bm0, max(length, 1)) * cols * _elt(tm.acc_dtype))))
 
         def make(bh: int, bm: int, bn: int, tier: int = tier) -> Plan:
             peak = predict_peak_bytes(problem, tier, bm, bn, requires_grad, dropout, block_h=bh, tile_math=tm)
@@ -276,10 +273,9 @@ def candidate_plans(
         for bm in rows:
             for bn in wide:
                 yield make(bh0, bm, bn)
-        if tier != 3:
-            for bh in _ladder(bh0, 1)[1:]:
-                for bn in wide:
-                    yield make(bh, rows[-1], bn)
+        for bh in _ladder(bh0, 1)[1:]:
+            for bn in wide:
+                yield make(bh, rows[-1], bn)
         for bm in _ladder(rows[-1]):
             for bn in _ladder(bn0) if tier == 2 else [bn0]:
                 yield make(1, bm, bn)

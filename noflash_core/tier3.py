@@ -1,9 +1,10 @@
 """Tier 3: minimum-memory attention for inference.
 
-One (batch, kv-head) pair at a time, one block of query rows at a time, with a single scratch buffer for the scores
-that every block reuses through ``out=`` matmuls and in-place softmax steps. Working memory is ``O(G * block_m * S)``
-for the scratch plus one head's operand copies. Under causal masking a block multiplies only the keys up to its
-last row and masks only the diagonal square. It keeps no softmax statistics, so it has no backward.
+One chunk of ``block_h`` (batch, kv-head) pairs at a time (down to a single pair), one block of query rows at a
+time, with a single scratch buffer for the scores that every block reuses through ``out=`` matmuls and in-place
+softmax steps. Working memory is ``O(block_h * G * block_m * S)`` for the scratch plus one chunk's operand copies.
+Under causal masking a block multiplies only the keys up to its last row and masks only the diagonal square. It
+keeps no softmax statistics, so it has no backward.
 """
 
 # implementation of:
@@ -25,6 +26,7 @@ from .tiles import (
     TileMath,
     dropout_keep_scale,
     guard_dead_rows,
+    head_chunks,
     head_index,
     row_blocks,
 )
@@ -37,12 +39,14 @@ def tier3_forward(
     block_m: int,
     dropout: Optional[DropoutSpec] = None,
     tile_math: Optional[TileMath] = None,
+    block_h: int = 1,
 ) -> torch.Tensor:
     """Run tier 3 under no_grad.
 
     Args:
         block_m: query rows per block.
         tile_math: the call's precision policy, when the caller already made it.
+        block_h: batch-head pairs per step (0: all).
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype.
@@ -58,40 +62,60 @@ def tier3_forward(
     out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
     if s == 0:  # no keys: every row is empty, as in torch
         return out.zero_()
-    bm_max = min(block_m, length)
-    scratch = torch.empty(g * bm_max * s, dtype=tm.acc_dtype, device=q.device)
-    ob_buf = torch.empty(g * bm_max * ev, dtype=tm.acc_dtype, device=q.device)
+    chunks = head_chunks(b, h, block_h)
+    pairs = max(_pairs(c, b, h) for c in chunks)
+    rows = pairs * g * min(block_m, length)
+    scratch = torch.empty(rows * s, dtype=tm.acc_dtype, device=q.device)
+    ob_buf = torch.empty(rows * ev, dtype=tm.acc_dtype, device=q.device)
     masks = TileMasks(problem.mask, problem.is_causal, tm.acc_dtype)
-    blocks = list(row_blocks(length, block_m, overlap_last=True))
     with torch.no_grad():
-        kt = vo = None
-        for bi, hi in ((bi, hi) for bi in range(b) for hi in range(h)):
-            del kt, vo  # free the previous head's operand copies before making this head's
-            chunk = HeadChunk(slice(bi, bi + 1), slice(hi, hi + 1), bi * h + hi)
-            kt = tm.operand(k[bi, hi]).transpose(0, 1)
-            vo = tm.operand(v[bi, hi])
-            head_masks = masks.for_chunk(chunk)
-            heads = head_index(1, 1, g, q.device, offset=chunk.first * g) if dropout is not None else None
-            for i0, i1 in blocks:
-                bm = i1 - i0
-                s_end = min(s, i1) if problem.is_causal else s
-                qb = (tm.operand(q[bi, hi, :, i0:i1]) * (problem.scale * masks.units)).reshape(g * bm, e)
-                scores = scratch[: g * bm * s_end].view(g * bm, s_end)
-                tm.matmul(qb, kt[:, :s_end], out=scores)
-                s5 = scores.view(1, 1, g, bm, s_end)
-                head_masks.apply(s5, i0, i1, 0, s_end)
-                row_max = scores.amax(-1, keepdim=True)
-                if head_masks.can_die:
-                    row_max = guard_dead_rows(row_max, NEG_INF, 0.0)
-                head_masks.exp_(scores.sub_(row_max))
-                row_sum = scores.sum(-1, keepdim=True)
-                if head_masks.can_die:
-                    row_sum = guard_dead_rows(row_sum, 0.0, 1.0)
-                if dropout is not None:
-                    s5.mul_(dropout_keep_scale(dropout, heads, length, s, i0, i1, 0, s_end, scores.dtype))
-                ob = ob_buf[: g * bm * ev].view(g * bm, ev)
-                tm.matmul(scores, vo[:s_end], out=ob)
-                ob.div_(row_sum)
-                out[bi, hi, :, i0:i1].copy_(ob.view(g, bm, ev))
-                del qb  # before the next block's copy is made
+        for chunk in chunks:
+            _chunk_forward(problem, chunk, masks.for_chunk(chunk), tm, block_m, dropout, out, scratch, ob_buf)
     return out
+
+
+def _pairs(chunk: HeadChunk, b: int, h: int) -> int:
+    return len(range(b)[chunk.batch]) * len(range(h)[chunk.heads])
+
+
+def _chunk_forward(
+    problem: AttentionProblem,
+    chunk: HeadChunk,
+    masks: TileMasks,
+    tm: TileMath,
+    block_m: int,
+    dropout: Optional[DropoutSpec],
+    out: torch.Tensor,
+    scratch: torch.Tensor,
+    ob_buf: torch.Tensor,
+) -> None:
+    """Tier 3 on one chunk of batch-head pairs, writing its rows of ``out``."""
+    _, _, g, length, s, e, ev = problem.dims
+    q = chunk.of(problem.query)
+    kt = tm.operand(chunk.of(problem.key)).transpose(-1, -2)
+    vo = tm.operand(chunk.of(problem.value))
+    out_c = chunk.of(out)
+    hb, hh = q.shape[:2]
+    heads = head_index(hb, hh, g, q.device, offset=chunk.first * g) if dropout is not None else None
+    for i0, i1 in row_blocks(length, block_m, overlap_last=True):
+        bm = i1 - i0
+        s_end = min(s, i1) if problem.is_causal else s
+        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
+        scores = scratch[: hb * hh * g * bm * s_end].view(hb, hh, g * bm, s_end)
+        tm.matmul(qb, kt[..., :s_end], out=scores)
+        s5 = scores.view(hb, hh, g, bm, s_end)
+        masks.apply(s5, i0, i1, 0, s_end)
+        row_max = scores.amax(-1, keepdim=True)
+        if masks.can_die:
+            row_max = guard_dead_rows(row_max, NEG_INF, 0.0)
+        masks.exp_(scores.sub_(row_max))
+        row_sum = scores.sum(-1, keepdim=True)
+        if masks.can_die:
+            row_sum = guard_dead_rows(row_sum, 0.0, 1.0)
+        if dropout is not None:
+            s5.mul_(dropout_keep_scale(dropout, heads, length, s, i0, i1, 0, s_end, scores.dtype))
+        ob = ob_buf[: hb * hh * g * bm * ev].view(hb, hh, g * bm, ev)
+        tm.matmul(scores, vo[..., :s_end, :], out=ob)
+        ob.div_(row_sum)
+        out_c[:, :, :, i0:i1].copy_(ob.view(hb, hh, g, bm, ev))
+        del qb  # before the next block's copy is made
