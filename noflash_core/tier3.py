@@ -1,8 +1,8 @@
 """Tier 3: minimum-memory attention for inference.
 
 One chunk of ``block_h`` (batch, kv-head) pairs at a time (down to a single pair), one block of query rows at a
-time, with a single scratch buffer for the scores that every block reuses through ``out=`` matmuls and in-place
-softmax steps. Working memory is ``O(block_h * G * block_m * S)`` for the scratch plus one chunk's operand copies.
+time, with a single scratch buffer for the scores that every block reuses: ``out=`` matmuls and torch's softmax run
+in place on it. Working memory is ``O(block_h * G * block_m * S)`` for the scratch plus one chunk's operand copies.
 Under causal masking a block multiplies only the keys up to its last row and masks only the diagonal square. It
 keeps no softmax statistics, so it has no backward.
 """
@@ -19,16 +19,15 @@ import torch
 
 from .problem import AttentionProblem
 from .tiles import (
-    NEG_INF,
     DropoutSpec,
     HeadChunk,
     TileMasks,
     TileMath,
     dropout_keep_scale,
-    guard_dead_rows,
     head_chunks,
     head_index,
     row_blocks,
+    zero_dead_rows_,
 )
 
 __all__ = ["tier3_forward"]
@@ -100,22 +99,19 @@ def _chunk_forward(
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
         s_end = min(s, i1) if problem.is_causal else s
-        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
+        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
         scores = scratch[: hb * hh * g * bm * s_end].view(hb, hh, g * bm, s_end)
         tm.matmul(qb, kt[..., :s_end], out=scores)
         s5 = scores.view(hb, hh, g, bm, s_end)
         masks.apply(s5, i0, i1, 0, s_end)
-        row_max = scores.amax(-1, keepdim=True)
-        if masks.can_die:
-            row_max = guard_dead_rows(row_max, NEG_INF, 0.0)
-        masks.exp_(scores.sub_(row_max))
-        row_sum = scores.sum(-1, keepdim=True)
-        if masks.can_die:
-            row_sum = guard_dead_rows(row_sum, 0.0, 1.0)
+        # A row with every key hidden has max -inf; softmax makes it NaN, its output must be 0 (as math's).
+        row_max = scores.amax(-1, keepdim=True) if masks.can_die else None
+        torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place: fewer passes than by hand
         if dropout is not None:
             s5.mul_(dropout_keep_scale(dropout, heads, length, s, i0, i1, 0, s_end, scores.dtype))
         ob = ob_buf[: hb * hh * g * bm * ev].view(hb, hh, g * bm, ev)
         tm.matmul(scores, vo[..., :s_end, :], out=ob)
-        ob.div_(row_sum)
+        if row_max is not None:
+            zero_dead_rows_(ob, row_max)
         out_c[:, :, :, i0:i1].copy_(ob.view(hb, hh, g, bm, ev))
-        del qb  # before the next block's copy is made
+        del qb, row_max  # before the next block's copies are made

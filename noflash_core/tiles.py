@@ -45,6 +45,7 @@ __all__ = [
     "causal_tile_state",
     "dropout_keep_scale",
     "guard_dead_rows",
+    "zero_dead_rows_",
     "head_chunks",
     "head_index",
     "mask_tile",
@@ -230,9 +231,16 @@ def guard_dead_rows(stat: torch.Tensor, dead: float, safe: float) -> torch.Tenso
     * row sum: ``0 -> 1``, so the zero accumulator divides to 0;
     * backward log-sum-exp: ``-inf -> +inf``, so the recomputed ``P = exp(scores - lse)`` is 0.
 
-    It is a device-side ``where``: no host sync.
+    Tier 3 normalises with torch's softmax instead and keeps no statistics; it zeroes the output rows whose max
+    is -inf with :func:`zero_dead_rows_`, the same rule. Both are device-side: no host sync.
     """
     return torch.where(stat == dead, safe, stat)
+
+
+def zero_dead_rows_(out: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """Zero the rows of ``out`` whose score row max is -inf (every key hidden), in place: the fully-masked-row
+    rule of :func:`guard_dead_rows` for a softmax that left those rows NaN."""
+    return out.masked_fill_(row_max == NEG_INF, 0.0)
 
 
 _CAUSAL_CACHE = 4  # hidden-position masks kept per call (tile shapes repeat along the diagonal)
