@@ -43,7 +43,7 @@ _MiB = 1024 * 1024
 # Preferred scores-block bytes per step (all batch-head pairs of the step together).
 # CPU figures are measured (bench/results/cpu-epyc-2core); GPU figures are unmeasured guesses.
 _PREFERRED = {
-    "cpu": {1: 16 * _MiB, 2: 4 * _MiB, 3: 8 * _MiB},
+    "cpu": {1: 16 * _MiB, 2: 4 * _MiB, 3: 16 * _MiB},
     "gpu": {1: 512 * _MiB, 2: 128 * _MiB, 3: 64 * _MiB},
 }
 # CPU orders are measured; GPU orders are unmeasured (no GPU has run them yet).
