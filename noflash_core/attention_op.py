@@ -103,14 +103,16 @@ def attention_backward_op(
     block_n: int,
     mask_grad: bool,
     pinned: bool,
+    grad_lse: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked)."""
+    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked).
+    ``grad_lse`` ``(B, H, G, L)`` is the gradient of the lse output, for callers that return it."""
     problem = _problem(q, k, v, mask, is_causal, scale)
     dropout = _dropout(dropout_p, seed)
     bm, bn = block_m, block_n
     while True:
         try:
-            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad)
+            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad, grad_lse)
             break
         except torch.OutOfMemoryError:
             if pinned or (bm <= MIN_BLOCK and bn <= MIN_BLOCK):
@@ -127,7 +129,8 @@ def attention_backward_op(
 
 
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned):
+def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned,
+      grad_lse=None):
     dmask = mask.new_empty(mask.shape) if (mask_grad and mask is not None) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
