@@ -14,36 +14,62 @@ Forward: tier 1 or tier 2 (both keep the row statistics), O(N) memory. Backward:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
 
+from . import telemetry
 from .attention_op import attention_backward_op, attention_forward_op
 from .budget import resolve_budget
 from .device import device_profile
 from .planner import Plan, candidate_plans
 from .problem import AttentionProblem, build_problem, validate_arguments
 
-__all__ = ["attention_with_lse", "plan_lse_problem"]
+__all__ = ["attention_with_lse", "emit_record", "plan_lse_problem"]
 
+_MiB = 1024 * 1024
 Tensor = torch.Tensor
 
 
-def plan_lse_problem(problem: AttentionProblem, requires_grad: bool, budget_bytes: Optional[int] = None) -> Plan:
+def plan_lse_problem(
+    problem: AttentionProblem,
+    requires_grad: bool,
+    budget_bytes: Optional[int] = None,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+) -> Plan:
     """The fastest tier-1 or tier-2 plan (the tiers that return the lse) that fits the budget, else the smallest.
 
     Args:
         problem: a canonical problem (see ``problem.py``).
         requires_grad: plan for the backward pass too.
         budget_bytes: working-memory budget; default from :func:`noflash_core.budget.resolve_budget`.
+        block_m, block_n: pin the block sizes (tier 2 with both pinned, as the planner does).
     """
     budget = resolve_budget(problem.query.device, budget_bytes)
     tiers = (2, 1) if device_profile(problem.query.device).device_class == "cpu" else (1, 2)
-    cands = list(candidate_plans(problem, budget, requires_grad, False, tiers))
+    if block_m is not None and block_n is not None:
+        tiers = (2,)
+    cands = list(candidate_plans(problem, budget, requires_grad, False, tiers, block_m, block_n))
+    if block_m is not None or block_n is not None:
+        return replace(cands[0], reason="blocks pinned by the caller")
     for cand in cands:
         if cand.fits:
-            return cand
-    return min(cands, key=lambda c: c.peak_bytes)
+            return replace(cand, reason=f"fastest tier with an lse that fits {budget / _MiB:.0f} MiB")
+    smallest = min(cands, key=lambda c: c.peak_bytes)
+    return replace(smallest, reason=f"nothing with an lse fits {budget / _MiB:.0f} MiB; the smallest plan")
+
+
+def emit_record(p: Plan, query: Tensor, what: str) -> None:
+    """Tell telemetry listeners which tier and blocks ``what`` ran (free when nobody listens)."""
+    if telemetry.has_listeners() and not torch.compiler.is_compiling():
+        telemetry.emit(
+            telemetry.CallRecord(
+                p.tier, p.block_m, p.block_n, tuple(query.shape), str(query.dtype).replace("torch.", ""),
+                str(query.device), f"{what}: {p.reason}",
+            )
+        )
 
 
 class _AttentionWithLse(torch.autograd.Function):
@@ -116,4 +142,5 @@ def attention_with_lse(
         problem.query, problem.key, problem.value, problem.mask, problem.is_causal, problem.scale, p.tier,
         p.block_m, p.block_n,
     )
+    emit_record(p, query, "attention_with_lse")
     return out.reshape(problem.out_shape), lse.reshape(problem.out_shape[:-1])
