@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from noflash_core import telemetry
+from noflash_core import attention_with_lse, telemetry
 from noflash_core.distributed import merge_partials, ring_attention, ulysses_attention
 from noflash_core.memory.tracker import LiveBytesTracker
 from tests.support.distributed import run_ranks
@@ -88,11 +88,39 @@ def _compare(rank, world_size, fn_name, case_name, dtype_name):
     return report
 
 
+def _ring_lse(rank, world_size, case_name):
+    """ring_attention(return_lse=True) against attention_with_lse on the whole sequence, float64, with a loss that
+    uses both outputs (the lse's gradient enters every ring step's backward)."""
+    case = CASES[case_name]
+    *_, causal, gqa = case
+    q, k, v, dout = _full_inputs(case, torch.float64, world_size)
+    dlse = torch.randn(dout.shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    rows = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
+
+    def run(fn, q, k, v, dout, dlse, **kw):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = fn(*leaves, is_causal=causal, enable_gqa=gqa, **kw)
+        ((out * dout).sum() + (lse * dlse).sum()).backward()
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+    full = run(attention_with_lse, q, k, v, dout, dlse)
+    shard = [t[..., rows, :] for t in (q, k, v, dout)]
+    ours = run(ring_attention, *shard, dlse[..., rows], return_lse=True, budget_bytes=TINY_BUDGET)
+    report = {}
+    for name, got, exact in zip(("out", "lse", "dq", "dk", "dv"), ours, full):
+        exact = exact[..., rows] if name == "lse" else exact[..., rows, :]
+        report[name] = ((got - exact).abs().max().item() / exact.abs().max().item(), FP64_REL)
+    return report
+
+
 def _accuracy_scenarios(rank, world_size):
-    return {
+    res = {
         (fn, case, dt): _compare(rank, world_size, fn, case, dt)
         for fn in FNS for case in CASES for dt in DTYPES
     }
+    for case in ("plain", "causal_gqa_ev"):
+        res[("ring_lse", case)] = _ring_lse(rank, world_size, case)
+    return res
 
 
 def _error_cases(rank, world_size):
@@ -183,6 +211,14 @@ def test_matches_full_attention(world_size, fn, case, dtype):
         for name in ("out", "dq", "dk", "dv"):
             err, tol = report[name]
             assert err <= tol, f"rank {rank} {name}: error {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_gqa_ev"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_lse_output_and_its_gradient(world_size, case):
+    for rank, res in enumerate(_results(world_size)):
+        for name, (err, tol) in res["accuracy"][("ring_lse", case)].items():
+            assert err <= tol, f"rank {rank} {name}: relative error {err:.3e} > {tol:.3e}"
 
 
 ERROR_CASES = {

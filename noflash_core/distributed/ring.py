@@ -23,7 +23,7 @@ would balance it but breaks the contiguous shard contract, so it is not offered)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -122,7 +122,8 @@ def _step_problem(q: Tensor, k: Tensor, v: Tensor, diagonal_causal: bool, scale:
 
 
 class _RingAttention(torch.autograd.Function):
-    """Canonical q ``(B, H, G, Ls, E)``, k ``(B, H, Ss, E)``, v ``(B, H, Ss, Ev)`` shards -> out shard."""
+    """Canonical q ``(B, H, G, Ls, E)``, k ``(B, H, Ss, E)``, v ``(B, H, Ss, Ev)`` shards -> out shard
+    ``(B, H, G, Ls, Ev)`` and its rows' global log-sum-exp ``(B, H, G, Ls)``, both differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, gi: GroupInfo, causal: bool, scale: float, tier: int, block_m: int, block_n: int):
@@ -150,13 +151,14 @@ class _RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (gi, causal, scale, block_m, block_n)
-        return out
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         gi, causal, scale, block_m, block_n = ctx.params
-        grad_out = grad_out.contiguous()
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
         acc = TileMath.for_inputs(q, k, v).acc_dtype
         sched = _Schedule(gi.rank, gi.size, causal)
         nxt, prv = (gi.rank + 1) % gi.size, (gi.rank - 1) % gi.size
@@ -175,7 +177,9 @@ class _RingAttention(torch.autograd.Function):
             dk_acc = dv_acc = None
             if sched.computes(t):  # overlapped with the K/V transfer and the previous dK/dV transfer
                 problem = _step_problem(q, k_cur, v_cur, causal and t == 0, scale)
-                dq_t, dk_t, dv_t, _ = attention_backward(problem, out, lse, grad_out, block_m, block_n)
+                dq_t, dk_t, dv_t, _ = attention_backward(
+                    problem, out, lse, grad_out, block_m, block_n, None, False, grad_lse
+                )
                 dq.add_(dq_t)
                 dk_acc, dv_acc = dk_t.to(acc), dv_t.to(acc)
                 del dq_t, dk_t, dv_t
@@ -232,7 +236,8 @@ def ring_attention(
     budget_bytes: Optional[int] = None,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Exact attention over a sequence sharded across the ranks of ``group``; K/V blocks travel a ring.
 
     Shard contract: with ``P`` ranks and a sequence of ``N`` tokens, rank ``r`` passes tokens
@@ -250,9 +255,11 @@ def ring_attention(
         enable_gqa: query head ``h`` uses key/value head ``h // (Hq // H)``.
         budget_bytes: working-memory budget for one step's tiles (default: ``NOFLASH_BUDGET_MB`` or the device's).
         block_m, block_n: pin the tile sizes (default: planned from the budget).
+        return_lse: also return the log-sum-exp of this shard's rows over the whole sequence (differentiable).
 
     Returns:
-        ``(N, ..., Hq, L/P, Ev)`` in the query's dtype.
+        ``(N, ..., Hq, L/P, Ev)`` in the query's dtype; with ``return_lse`` also ``lse`` ``(N, ..., Hq, L/P)`` in
+        float32 (float64 for float64 inputs).
 
     Raises:
         RuntimeError (TypeError for non-tensors) on every rank when any rank's input is bad or the ranks disagree
@@ -264,8 +271,9 @@ def ring_attention(
     problem = build_problem(query, key, value, None, bool(is_causal), scale, enable_gqa)
     plan = plan_lse_problem(problem, info.needs_grad, budget_bytes, block_m, block_n)
     emit_record(plan, query, f"ring_attention step tiles (rank {gi.rank} of {gi.size})")
-    out = _RingAttention.apply(
+    out, lse = _RingAttention.apply(
         problem.query, problem.key, problem.value, gi, bool(is_causal), problem.scale, plan.tier, plan.block_m,
         plan.block_n,
     )
-    return out.reshape(problem.out_shape)
+    out = out.reshape(problem.out_shape)
+    return (out, lse.reshape(problem.out_shape[:-1])) if return_lse else out
