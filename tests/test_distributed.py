@@ -15,16 +15,21 @@ live-bytes tracker: P=4 at most 0.6 x P=2.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from noflash_core import attention_with_lse, telemetry
 from noflash_core.distributed import merge_partials, ring_attention, ulysses_attention
+from noflash_core.distributed.bench import sent_bytes
 from noflash_core.memory.tracker import LiveBytesTracker
 from tests.support.distributed import run_ranks
 from tests.support.reference import math_sdpa, tolerance
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FNS = {"ring": ring_attention, "ulysses": ulysses_attention}
 # name: (batch, query heads, key/value heads, E, Ev, is_causal, enable_gqa)
 CASES = {
@@ -187,11 +192,45 @@ def _memory_scenarios(rank, world_size):
     return {name: _peak_bytes(name, world_size, rank) for name in FNS}
 
 
+COMM_SHAPE = dict(tokens=64, hq=8, hk=4, e=8, ev=12)
+
+
+def _comm_scenarios(rank, world_size):
+    """Bytes this rank actually sends in one non-causal forward + backward, counted at the send calls."""
+    from unittest import mock
+
+    from noflash_core.distributed import _p2p, ulysses
+
+    sent = {"ring": 0, "ulysses": 0}
+    real_send, real_a2a = _p2p.StepMessages.send, ulysses.dist.all_to_all_single
+
+    def count_send(self, tensor, to_rank):
+        sent["ring"] += tensor.numel() * tensor.element_size()
+        return real_send(self, tensor, to_rank)
+
+    def count_a2a(output, input, *args, **kwargs):  # the chunk kept on this rank does not travel
+        sent["ulysses"] += input.numel() * input.element_size() * (world_size - 1) // world_size
+        return real_a2a(output, input, *args, **kwargs)
+
+    c = COMM_SHAPE
+    n = c["tokens"] // world_size
+    g = torch.Generator().manual_seed(rank)
+    dims = ((c["hq"], c["e"]), (c["hk"], c["e"]), (c["hk"], c["ev"]))
+    q, k, v = (torch.randn(1, h, n, d, generator=g) for h, d in dims)
+    with mock.patch.object(_p2p.StepMessages, "send", count_send), \
+            mock.patch.object(ulysses.dist, "all_to_all_single", count_a2a):
+        for fn in FNS.values():
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            fn(*leaves, enable_gqa=True).sum().backward()
+    return sent
+
+
 def _all_scenarios(rank, world_size):
     return {
         "accuracy": _accuracy_scenarios(rank, world_size),
         "errors": _error_scenarios(rank, world_size),
         "memory": _memory_scenarios(rank, world_size),
+        "comm": _comm_scenarios(rank, world_size),
     }
 
 
@@ -253,6 +292,25 @@ def test_per_rank_memory_shrinks_with_more_ranks(fn):
     peak2 = max(res["memory"][fn] for res in _results(2))
     peak4 = max(res["memory"][fn] for res in _results(4))
     assert peak4 <= MEMORY_RATIO * peak2, (peak2, peak4, peak4 / peak2)
+
+
+@pytest.mark.parametrize("fn", sorted(FNS))
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sent_bytes_formula_matches_what_is_sent(world_size, fn):
+    c = COMM_SHAPE
+    want = sent_bytes(fn, c["tokens"], c["hq"], c["hk"], c["e"], c["ev"], 4, world_size, backward=True)
+    assert [res["comm"][fn] for res in _results(world_size)] == [want] * world_size
+
+
+def test_bench_command_runs_and_checks_on_two_cpu_processes():
+    """The README's CPU command (smaller): both modes, forward and backward, against full math SDPA."""
+    cmd = [sys.executable, "-m", "noflash_core.distributed", "--spawn", "2", "--tokens", "64", "--heads", "2",
+           "--head-dim", "8", "--backward", "--check", "--repeat", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "max abs error" in ln]
+    assert len(lines) == 4 and {ln.split()[2] for ln in lines} == {"ring", "ulysses"}, proc.stderr[-3000:]
+    assert all(float(ln.rsplit(" ", 1)[1]) < 1e-5 for ln in lines), lines
 
 
 def test_merge_partials_is_exact_and_keeps_empty_rows_empty():

@@ -55,10 +55,10 @@ Tensor = torch.Tensor
 
 def _yunchang():
     try:
-        import yunchang  # noqa: F401  (the package must import before its submodules are patched)
-        import yunchang.hybrid.attn_layer
-        import yunchang.kernels
-        import yunchang.ulysses.attn_layer
+        import yunchang  # noqa: F401  (imports its submodules, which enable() looks up in sys.modules)
+        import yunchang.hybrid.attn_layer  # noqa: F401
+        import yunchang.kernels  # noqa: F401
+        import yunchang.ulysses.attn_layer  # noqa: F401
     except ImportError as exc:
         raise ImportError(
             f"noflash_core.integrations.yunchang needs yunchang (pip install yunchang=={SUPPORTED_VERSION}; "
