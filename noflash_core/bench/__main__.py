@@ -16,7 +16,8 @@ import shlex
 import sys
 from typing import List, Optional
 
-from .config import ALL_IMPLS, DEFAULT_SIZES, QUICK_SIZES, BenchConfig, parse_bytes, parse_dtype, parse_sizes
+from ..units import parse_bytes, parse_dtype
+from .config import ALL_IMPLS, DEFAULT_SIZES, QUICK_SIZES, BenchConfig, parse_sizes
 from .plots import write_plots
 from .report import render_markdown, write_json, write_markdown
 from .suite import run_bench

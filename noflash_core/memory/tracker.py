@@ -46,10 +46,6 @@ __all__ = ["LiveBytesTracker", "MemoryBudget"]
 
 logger = logging.getLogger(__name__)
 
-_OutOfMemoryError: type[RuntimeError] = (
-    getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-)
-
 _LIFT_FRESH = frozenset(
     op
     for op in (
@@ -361,7 +357,7 @@ class MemoryBudget(LiveBytesTracker):
             f"live + requested = {self._live + requested} > limit {limit} bytes"
         )
         logger.debug(msg)
-        raise _OutOfMemoryError(msg)
+        raise torch.OutOfMemoryError(msg)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, limit_bytes={self.limit_bytes}, ooms_raised={self._ooms})"
