@@ -75,7 +75,8 @@ class NoFlashTierSelector(io.ComfyNode):
                 io.Int.Input("block_m", default=0, min=0, max=65536, step=16,
                              tooltip="Query rows per tile; 0 lets the planner choose."),
                 io.Int.Input("block_n", default=0, min=0, max=65536, step=16,
-                             tooltip="Key columns per tile (tiers 2 and 3); 0 lets the planner choose."),
+                             tooltip="Key columns per tile, used by tier 2 only (tiers 1 and 3 take whole key rows); "
+                             "0 lets the planner choose."),
             ],
             outputs=[io.Model.Output(display_name="model")],
             hidden=[io.Hidden.unique_id],

@@ -177,6 +177,13 @@ def _length(t, dim: int) -> int:
         return 0
 
 
+def _any_nested(query, key, value) -> bool:
+    try:
+        return query.is_nested or key.is_nested or value.is_nested
+    except AttributeError:  # a non-tensor: validation names it
+        return False
+
+
 def _passthrough(fn: Callable, reason: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     out = fn(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     used = Plan(0, _length(query, -2), _length(key, -2), 0, 0, reason=reason)
@@ -214,7 +221,7 @@ def _attention(
         _check_block("block_m", block_m)
         _check_block("block_n", block_n)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if any(getattr(t, "is_nested", False) for t in (query, key, value)):
+    if _any_nested(query, key, value):
         return _passthrough(passthrough, "nested tensors: torch SDPA", *args)
     if threshold and isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] < threshold:
         return _passthrough(passthrough, f"key length {key.shape[-2]} below threshold {threshold}", *args)

@@ -71,6 +71,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert result.cell("math", "fwd", 128).status == "ok"
 
 
+def test_overhead_times_the_decode_fast_path_against_math(capsys):
+    assert main(["--overhead", "--repeats", "10", "--device", "cpu", "--dtype", "fp32"]) == 0
+    text = capsys.readouterr().out
+    assert "q (1, 16, 1, 64), k/v (1, 16, 512, 64) float32 on cpu" in text
+    assert "torch math SDPA" in text and "noflash (tier 0)" in text and "median paired difference" in text
+
+
 def test_memory_cap_skips_quadratic_cells_and_notes_why():
     cfg = BenchConfig(
         sizes=[128, 256], impls=["math", "noflash-t2"], modes=["fwd"], repeats=1, mem_cap_bytes=2**20, threads=1

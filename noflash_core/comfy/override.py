@@ -125,7 +125,7 @@ def _bind_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> _Call:
     )
 
 
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+def _unflatten_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """``(b, n, h*d)`` → ``(b, h, n, d)`` (a view where strides allow).
 
     A tensor with more dims, such as SD3's value ``(b, n, h, d)``, is first flattened to ``(b, n, h*d)``: ComfyUI's
@@ -149,7 +149,7 @@ def _to_bhnd(call: _Call) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Te
     widths = [q.shape[-1]] + [t.shape[2:].numel() for t in (k, v)]
     if any(w % heads for w in widths) or q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
         return None
-    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    return _unflatten_heads(q, heads), _unflatten_heads(k, heads), _unflatten_heads(v, heads)
 
 
 def normalize_comfy_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -199,7 +199,7 @@ def _warn_unknown_form(call: _Call) -> None:
         )
 
 
-def _run_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, config: OverrideConfig):
+def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, config: OverrideConfig):
     """The dispatcher on ``(b, h, n, d)`` tensors: ``(output, plan that ran)``."""
     from ..sdpa import _attention
 
@@ -257,7 +257,7 @@ def make_attention_override(
             record("comfy", 0, (0, 0), q, k, reason)
             return out
         mask = normalize_comfy_mask(call.mask, q.dtype)
-        out, plan = _run_tiled(q, k, v, mask, config)
+        out, plan = _dispatch(q, k, v, mask, config)
         out = out.to(q.dtype)  # under autocast the dispatcher computes in the autocast dtype
         if not call.skip_output_reshape:
             out = _merge_heads(out)
