@@ -85,11 +85,7 @@ def tier3_grad_error() -> RuntimeError:
 
 
 def validate_arguments(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    is_causal: bool,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
     enable_gqa: bool,
 ) -> None:
     """Raise RuntimeError, as torch's SDPA does, for arguments it rejects."""
@@ -267,14 +263,7 @@ def _canonical_mask(mask: torch.Tensor, lay: _Layout) -> torch.Tensor:
     return m.reshape(m.shape[0], lay.h, lay.g, lm, sm)
 
 
-def call_signature(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    is_causal: bool,
-    enable_gqa: bool,
-) -> Optional[Tuple[Hashable, ...]]:
+def call_signature(query, key, value, attn_mask, is_causal: bool, enable_gqa: bool) -> Optional[Tuple[Hashable, ...]]:
     """What a call's validation, layout and plan depend on besides budget and grad: shapes, dtypes, devices and
     flags. None when an argument is not a tensor (such calls are never cached: validation names the problem)."""
     try:
@@ -304,14 +293,8 @@ def _layout(query, key, value, attn_mask, is_causal: bool, enable_gqa: bool, sig
 
 
 def build_problem(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    enable_gqa: bool = False,
-    *,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
     signature: Optional[Tuple[Hashable, ...]] = None,
 ) -> AttentionProblem:
     """Validate an SDPA call (as :func:`validate_arguments`, plus shapes) and build its canonical view.

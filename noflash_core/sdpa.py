@@ -44,19 +44,11 @@ _fp32_note_logged = False
 _plans: Dict[Hashable, Plan] = {}
 
 
-def math_sdpa(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
+def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """torch's own SDPA pinned to the math backend: noflash's tier 0, and the O(N²) reference of the bench and
-    the memory predictions. It keeps math's semantics on every device (torch's fused CPU kernel differs from math
-    on inf/NaN inputs and rejects 1-D masks). Under ``torch.compile`` the backend choice is left to torch."""
+    the memory predictions; arguments and result as torch's SDPA. It keeps math's semantics on every device
+    (torch's fused CPU kernel differs from math on inf/NaN inputs and rejects 1-D masks). Under ``torch.compile``
+    the backend choice is left to torch."""
     if is_compiling():
         return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     with sdpa_kernel(SDPBackend.MATH):
@@ -192,21 +184,9 @@ def _passthrough(fn: Callable, reason: str, query, key, value, attn_mask, dropou
 
 
 def _attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    enable_gqa: bool = False,
-    *,
-    tier: TierArg = "auto",
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-    budget_bytes: Optional[int] = None,
-    threshold: int = 0,
-    passthrough: Callable[..., torch.Tensor] = original_sdpa,
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+    tier: TierArg = "auto", block_m: Optional[int] = None, block_n: Optional[int] = None,
+    budget_bytes: Optional[int] = None, threshold: int = 0, passthrough: Callable[..., torch.Tensor] = original_sdpa,
 ) -> Tuple[torch.Tensor, Plan]:
     """The one dispatch path: arguments as :func:`scaled_dot_product_attention`; returns ``(output, plan that ran)``.
 

@@ -13,12 +13,7 @@ import torch.nn.functional as F
 from ..device import device_profile
 from ..sdpa import math_sdpa
 
-__all__ = [
-    "Implementation",
-    "build_implementations",
-    "math_sdpa",
-    "torch_default_sdpa",
-]
+__all__ = ["Implementation", "build_implementations", "torch_default_sdpa"]
 
 logger = logging.getLogger(__name__)
 
