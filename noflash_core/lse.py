@@ -61,14 +61,11 @@ def plan_lse_problem(
     return replace(smallest, reason=f"nothing with an lse fits {budget / _MiB:.0f} MiB; the smallest plan")
 
 
-def emit_record(p: Plan, query: Tensor, what: str) -> None:
+def emit_record(p: Plan, query: Tensor, key: Tensor, what: str) -> None:
     """Tell telemetry listeners which tier and blocks ``what`` ran (free when nobody listens)."""
     if telemetry.has_listeners() and not torch.compiler.is_compiling():
         telemetry.emit(
-            telemetry.CallRecord(
-                p.tier, p.block_m, p.block_n, tuple(query.shape), str(query.dtype).replace("torch.", ""),
-                str(query.device), f"{what}: {p.reason}",
-            )
+            telemetry.CallRecord.of_call("noflash", p.tier, (p.block_m, p.block_n), query, key, f"{what}: {p.reason}")
         )
 
 
@@ -132,7 +129,7 @@ def attention_with_lse(
     """
     if any(getattr(t, "is_nested", False) for t in (query, key, value)):
         raise RuntimeError("attention_with_lse: nested tensors are not supported; pad the batch to one length.")
-    validate_arguments(query, key, value, attn_mask, 0.0, is_causal, enable_gqa)
+    validate_arguments(query, key, value, attn_mask, is_causal, enable_gqa)
     problem = build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, attn_mask)
@@ -142,5 +139,5 @@ def attention_with_lse(
         problem.query, problem.key, problem.value, problem.mask, problem.is_causal, problem.scale, p.tier,
         p.block_m, p.block_n,
     )
-    emit_record(p, query, "attention_with_lse")
+    emit_record(p, query, key, "attention_with_lse")
     return out.reshape(problem.out_shape), lse.reshape(problem.out_shape[:-1])

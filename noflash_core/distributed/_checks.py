@@ -132,7 +132,7 @@ def _describe_rank(row: Sequence[int]) -> Tuple[Optional[str], Optional[CallInfo
                     bool(needs_grad))
     meta = [torch.empty(s, dtype=info.dtype, device="meta") for s in shapes]
     try:
-        validate_arguments(*meta, None, 0.0, info.is_causal, info.enable_gqa)
+        validate_arguments(*meta, None, info.is_causal, info.enable_gqa)
         build_problem(*meta, None, info.is_causal, info.scale, info.enable_gqa)
     except (RuntimeError, TypeError) as exc:
         msg = str(exc).replace("scaled_dot_product_attention: ", "")

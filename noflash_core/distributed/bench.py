@@ -167,8 +167,8 @@ def _rank_main(rank: Optional[int], p: Optional[int], args, init_file: Optional[
         _log.info(
             "%s P=%d N=%d %s%s: %.3f s per call, peak %s above its %s of shards, sends %s per call%s", mode, p,
             args.tokens, str(dtype).replace("torch.", ""), " fwd+bwd" if args.backward else "", res["seconds"],
-            format_bytes(res["peak_bytes"], decimals=2), format_bytes(res["input_bytes"], decimals=2),
-            format_bytes(sent, decimals=2), extra,
+            format_bytes(res["peak_bytes"]), format_bytes(res["input_bytes"]),
+            format_bytes(sent), extra,
         )
     dist.destroy_process_group()
 

@@ -270,7 +270,7 @@ def ring_attention(
     info = check_call("ring_attention", gi, query, key, value, is_causal, enable_gqa, scale, _ring_rule)
     problem = build_problem(query, key, value, None, bool(is_causal), scale, enable_gqa)
     plan = plan_lse_problem(problem, info.needs_grad, budget_bytes, block_m, block_n)
-    emit_record(plan, query, f"ring_attention step tiles (rank {gi.rank} of {gi.size})")
+    emit_record(plan, query, key, f"ring_attention step tiles (rank {gi.rank} of {gi.size})")
     out, lse = _RingAttention.apply(
         problem.query, problem.key, problem.value, gi, bool(is_causal), problem.scale, plan.tier, plan.block_m,
         plan.block_n,
