@@ -14,7 +14,6 @@ live-bytes tracker: P=4 at most 0.6 x P=2.
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from noflash_core import attention_with_lse, telemetry
 from noflash_core.distributed import merge_partials, ring_attention, ulysses_attention
 from noflash_core.distributed.bench import sent_bytes
 from noflash_core.memory.tracker import LiveBytesTracker
-from tests.support.distributed import run_ranks
+from tests.support.distributed import run_ranks_once
 from tests.support.reference import math_sdpa, tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,9 +233,8 @@ def _all_scenarios(rank, world_size):
     }
 
 
-@functools.cache
 def _results(world_size):
-    return run_ranks(_all_scenarios, world_size, timeout_s=400)
+    return run_ranks_once(_all_scenarios, world_size, timeout_s=400)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

@@ -7,13 +7,12 @@ xDiT copies), which merges the per-step log-sum-exps that the adapter now return
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
-from tests.support.distributed import run_ranks
+from tests.support.distributed import run_ranks_once
 from tests.support.reference import math_sdpa, tolerance
 
 pytest.importorskip("yunchang")
@@ -106,9 +105,8 @@ def _scenarios(rank, world_size):
     return results
 
 
-@functools.cache
 def _results():
-    return run_ranks(_scenarios, WORLD, timeout_s=400)
+    return run_ranks_once(_scenarios, WORLD, timeout_s=400)
 
 
 SCENARIOS = [

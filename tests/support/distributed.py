@@ -19,7 +19,7 @@ from typing import Any, Callable, List
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["RankFailed", "run_ranks"]
+__all__ = ["RankFailed", "run_ranks", "run_ranks_once"]
 
 GLOO_TIMEOUT_S = 60
 
@@ -74,3 +74,21 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 300.0) ->
                 raise RankFailed(f"rank {rank} raised:\n{value}")
             results.append(value)
         return results
+
+
+_outcomes: dict = {}
+
+
+def run_ranks_once(fn: Callable, world_size: int, *args, timeout_s: float = 300.0) -> List[Any]:
+    """:func:`run_ranks`, memoised per ``(fn, world_size, args)`` with its failure: the many tests that read one
+    spawn's results share it, and a failed spawn is reported by each of them without running again."""
+    key = (fn.__module__, fn.__qualname__, world_size, args)
+    if key not in _outcomes:
+        try:
+            _outcomes[key] = (run_ranks(fn, world_size, *args, timeout_s=timeout_s), None)
+        except RankFailed as exc:
+            _outcomes[key] = (None, exc)
+    results, failure = _outcomes[key]
+    if failure is not None:
+        raise failure
+    return results
