@@ -4,23 +4,23 @@ Registering them with ``torch.library.custom_op`` (and fake implementations) mak
 call, with no graph break, and gives autograd an O(N)-memory backward:
 
 * the forward saves only q, k, v, the mask, the output and the per-row log-sum-exp (plus the dropout seed, an int);
-* the backward recomputes each tile (see ``backward.py``) and retries with halved blocks on
-  ``torch.OutOfMemoryError``, unless the blocks were pinned.
+* the backward recomputes each tile (see ``backward.py``) and retries with fewer batch-head pairs per step, then
+  halved blocks, on ``torch.OutOfMemoryError`` (the policy of ``oom.py``, shared with the forward), unless the blocks
+  were pinned.
 
 Both ops work on the canonical layout of ``problem.py``.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 from .backward import attention_backward
-from .oom import free_cached_memory
+from .oom import retry_out_of_memory
 from .planner import MIN_BLOCK
-from .problem import AttentionProblem
+from .problem import AttentionProblem, tier3_grad_error
 from .tier1 import tier1_forward
 from .tier2 import tier2_forward
 from .tier3 import tier3_forward
@@ -28,7 +28,6 @@ from .tiles import DropoutSpec
 
 __all__ = ["attention_forward_op", "run_forward"]
 
-_log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
@@ -94,6 +93,21 @@ def _(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, 
     return out, lse
 
 
+def _halved_blocks(block_m: int, block_n: int, block_h: int, pairs: int) -> Iterator[Tuple[int, int, int]]:
+    """``(block_m, block_n, block_h)`` for backward retries: halve the batch-head pairs per step first (the GEMMs
+    keep their shape), then the larger block (down to ``MIN_BLOCK``) until both are minimal."""
+    bm, bn, bh = block_m, block_n, block_h if 0 < block_h < pairs else pairs
+    while bh > 1:
+        bh = max(1, bh // 2)
+        yield bm, bn, bh
+    while bm > MIN_BLOCK or bn > MIN_BLOCK:
+        if bn > bm:
+            bn = max(MIN_BLOCK, bn // 2)
+        else:
+            bm = max(MIN_BLOCK, bm // 2)
+        yield bm, bn, bh
+
+
 @torch.library.custom_op("noflash::attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor,
@@ -111,27 +125,22 @@ def attention_backward_op(
     block_n: int,
     mask_grad: bool,
     pinned: bool,
+    grad_lse: Optional[Tensor] = None,
     block_h: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked)."""
+    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked).
+    ``grad_lse`` ``(B, H, G, L)`` is the gradient of the lse output, for callers that return it."""
     problem = _problem(q, k, v, mask, is_causal, scale)
     dropout = _dropout(dropout_p, seed)
-    bm, bn, bh = block_m, block_n, block_h
-    while True:
-        try:
-            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad, bh)
-            break
-        except torch.OutOfMemoryError:
-            if pinned or (bm <= MIN_BLOCK and bn <= MIN_BLOCK and bh == 1):
-                raise
-            free_cached_memory(q.device)
-            if bh != 1:  # fewer batch-head pairs per step first: the GEMMs keep their shape
-                bh = max(1, (bh or q.shape[0] * q.shape[1]) // 2)
-            elif bn > bm:
-                bn = max(MIN_BLOCK, bn // 2)
-            else:
-                bm = max(MIN_BLOCK, bm // 2)
-            _log.info("noflash backward ran out of memory; retrying with blocks (%d, %d)", bm, bn)
+    (dq, dk, dv, dmask), _ = retry_out_of_memory(
+        lambda blocks: attention_backward(
+            problem, out, lse, grad_out, blocks[0], blocks[1], dropout, mask_grad, grad_lse, blocks[2]
+        ),
+        (block_m, block_n, block_h),
+        lambda: () if pinned else _halved_blocks(block_m, block_n, block_h, q.shape[0] * q.shape[1]),
+        q.device,
+        what="noflash backward",
+    )
     if dmask is None:
         dmask = q.new_empty((0,))
     return dq, dk, dv, dmask
@@ -139,7 +148,7 @@ def attention_backward_op(
 
 @attention_backward_op.register_fake
 def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned,
-      block_h=0):
+      grad_lse=None, block_h=0):
     dmask = mask.new_empty(mask.shape) if (mask_grad and mask is not None) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
@@ -158,10 +167,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
     if ctx.tier3:
-        raise RuntimeError(
-            "noflash tier 3 is inference-only and has no backward. Use tier=1, tier=2 or tier='auto' when inputs "
-            "require grad."
-        )
+        raise tier3_grad_error()
     if torch.is_grad_enabled():
         raise RuntimeError(
             "noflash attention does not support double backward (create_graph=True through attention). Use "
@@ -172,7 +178,7 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
     mask_grad = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = attention_backward_op(
         grad_out.contiguous(), q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n,
-        mask_grad, pinned, block_h,
+        mask_grad, pinned, None, block_h,
     )
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None, None
 

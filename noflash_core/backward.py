@@ -4,7 +4,8 @@ Nothing of the forward's ``(L, S)`` softmax is kept. For each tile the scores ar
 saved row log-sum-exp, giving ``P`` exactly; then
 
 * ``dV += (P * Z)^T dO`` (``Z`` the dropout multiplier, regenerated from the seed),
-* ``dP = (dO V^T) * Z`` and ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``,
+* ``dP = (dO V^T) * Z`` and ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``; when the row log-sum-exp is an
+  output too, its gradient enters as ``D - dlse`` (``d lse / d S = P``),
 * ``dQ += dS K * scale``, ``dK += dS^T (Q * scale)``, and the float mask's gradient is ``dS`` summed over the mask's
   broadcast dims.
 
@@ -57,6 +58,7 @@ def attention_backward(
     block_n: int,
     dropout: Optional[DropoutSpec] = None,
     mask_grad: bool = False,
+    grad_lse: Optional[torch.Tensor] = None,
     block_h: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of the canonical problem.
@@ -66,6 +68,7 @@ def attention_backward(
         lse: row log-sum-exp ``(B, H, G, L)`` from the forward.
         grad_out: ``(B, H, G, L, Ev)``.
         mask_grad: also return the gradient of the float mask ``(Bm, Hm, Gm, Lm, Sm)``.
+        grad_lse: gradient of the row log-sum-exp ``(B, H, G, L)``, or None when the lse is not an output.
         block_h: batch-head pairs per step (0: all).
 
     Returns:
@@ -82,8 +85,8 @@ def attention_backward(
     dmask = torch.zeros(mask.shape, dtype=acc, device=q.device) if (mask_grad and mask is not None) else None
     masks = TileMasks(mask, problem.is_causal, acc)
     for chunk in head_chunks(b, h, block_h):
-        args = (problem, chunk, masks.for_chunk(chunk), tm, out, lse, grad_out, block_m, block_n, dropout)
-        _chunk_backward(*args, dq, dk, dv, chunk.of_mask(dmask))
+        args = (problem, chunk, masks.for_chunk(chunk), tm, out, lse, grad_out, chunk.of(grad_lse), block_m, block_n)
+        _chunk_backward(*args, dropout, dq, dk, dv, chunk.of_mask(dmask))
     grad_mask = dmask.to(mask.dtype) if dmask is not None else None
     return dq, dk, dv, grad_mask
 
@@ -96,6 +99,7 @@ def _chunk_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
     block_m: int,
     block_n: int,
     dropout: Optional[DropoutSpec],
@@ -126,6 +130,8 @@ def _chunk_backward(
         dout_b = dout_c[:, :, :, i0:i1]
         # D = rowsum(dO * O) and the guarded log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
         d_b = (dout_b.to(acc) * out_c[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            d_b = d_b - grad_lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
         lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf")) * masks.units
         dob = tm.operand(dout_b).reshape(hb, hh, g * bm, ev)
         dq_b = torch.zeros(hb, hh, g * bm, e, dtype=acc, device=device)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .problem import AttentionProblem
+from .problem import AttentionProblem, tier3_grad_error
 from .tiles import (
     DropoutSpec,
     HeadChunk,
@@ -51,10 +51,7 @@ def tier3_forward(
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (problem.query, problem.key, problem.value)):
-        raise RuntimeError(
-            "noflash tier 3 is inference-only and cannot run backward. Use tier=1, tier=2 or tier='auto' for "
-            "inputs that require grad, or wrap the call in torch.no_grad()."
-        )
+        raise tier3_grad_error()
     q, k, v = problem.query, problem.key, problem.value
     b, h, g, length, s, e, ev = problem.dims
     tm = tile_math or TileMath.for_inputs(q, k, v)

@@ -32,7 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .device import describe_machine, free_memory_bytes
+from ..device import device_profile
+from .device import describe_machine
 from .measure import Inputs, first_call, timed_call
 from .runners import Implementation, math_sdpa
 
@@ -215,7 +216,7 @@ def run_benchmark(cfg: GpuCheckConfig, deadline: float) -> List[Dict[str, object
     """Every (dtype, N, implementation) cell, forward, with caps and the time budget."""
     device = torch.device(cfg.device)
     cells: List[Dict[str, object]] = []
-    free = free_memory_bytes(device)
+    free = device_profile(device).free_memory()
     for dtype in cfg.dtypes:
         last_ms: Dict[str, Tuple[int, float]] = {}
         for n in cfg.sizes:
