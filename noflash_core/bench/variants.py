@@ -211,6 +211,7 @@ def run_variants(cfg: VariantsConfig) -> Dict[str, object]:
     finally:
         torch.set_num_threads(old_threads)
     machine["load_at_end"] = load_average()
+    machine["omp_env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
     return {
         "config": cfg.to_dict(),
         "machine": machine,
@@ -234,7 +235,8 @@ def render_variants_markdown(result: Dict[str, object], command: str = "") -> st
         "",
         f"{m.get('gpu') or m.get('cpu')}, torch {m.get('torch')}, {m.get('torch_threads')} thread(s), "
         f"{cfg['dtype']}, B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, forward. "
-        f"Load average {m.get('load_at_start')} at start, {m.get('load_at_end')} at end.",
+        f"Load average {m.get('load_at_start')} at start, {m.get('load_at_end')} at end."
+        + (f" Environment: {' '.join(f'{k}={v}' for k, v in m['omp_env'].items())}." if m.get("omp_env") else ""),
         "",
         f"Each cell: best of {cfg['repeats']} interleaved calls (median in brackets). Targets: ours/fused ≤ "
         f"{VARIANT_TARGETS['ours/fused']}, math/ours ≥ {VARIANT_TARGETS['math/ours']}. pad = bool key-padding "
