@@ -1,4 +1,7 @@
-"""torch.compile sees one registered op per attention call: no graph breaks, forward and backward run."""
+"""torch.compile sees one registered op per attention call: no graph breaks, forward and backward run.
+
+Runs on ``NOFLASH_TEST_DEVICE`` (default cpu); inductor is skipped on MPS, where torch's support is partial.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import pytest
 import torch
 
 import noflash_core as nc
+from tests.support.device import DEVICE
 from tests.support.reference import math_sdpa
 
 
@@ -29,17 +33,21 @@ def _graph_breaks(model, x) -> int:
     return explanation.graph_break_count
 
 
+def _model_and_input(*shape, grad=False):
+    return _Attention().to(DEVICE), torch.randn(*shape).to(DEVICE).requires_grad_(grad)
+
+
 def test_no_graph_break_from_our_op():
-    model = _Attention()
-    x = torch.randn(1, 256, 32)
+    model, x = _model_and_input(1, 256, 32)
     assert _graph_breaks(model, x) == 0
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_forward_backward_matches_eager(backend):
+    if backend == "inductor" and DEVICE.type == "mps":
+        pytest.skip("inductor's MPS support is partial")
     torch.manual_seed(0)
-    model = _Attention()
-    x = torch.randn(1, 256, 32, requires_grad=True)
+    model, x = _model_and_input(1, 256, 32, grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     out = compiled(x)
@@ -56,7 +64,7 @@ def test_compiled_forward_backward_matches_eager(backend):
 
 def test_compiled_matches_math():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 128, 16).to(DEVICE) for _ in range(3))
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: nc.scaled_dot_product_attention(q, k, v, tier=1, block_m=32),
                        backend="aot_eager", fullgraph=True)
@@ -66,10 +74,10 @@ def test_compiled_matches_math():
 def test_compiled_model_trains_like_eager():
     def train(compile_model: bool):
         torch.manual_seed(0)
-        model = _Attention()
+        model, x = _model_and_input(2, 256, 32)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         step_model = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_model else model
-        x, target = torch.randn(2, 256, 32), torch.randn(2, 256, 32)
+        target = torch.randn(2, 256, 32).to(DEVICE)
         losses = []
         for _ in range(4):
             opt.zero_grad()
