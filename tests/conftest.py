@@ -1,4 +1,5 @@
-"""Session-wide test settings: the test device (``NOFLASH_TEST_DEVICE``) and the tiers the "auto" columns ran."""
+"""Session-wide test settings: the test device (``NOFLASH_TEST_DEVICE``), whether a real ComfyUI is given
+(``COMFYUI_PATH``), and the tiers the "auto" columns ran."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ def pytest_configure(config) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
-def pytest_report_header(config) -> str:
+def pytest_report_header(config) -> list:
+    import os
+
     from tests.support.device import DEVICE
 
-    return f"noflash test device: {DEVICE} (NOFLASH_TEST_DEVICE)"
+    comfy = os.environ.get("COMFYUI_PATH")
+    return [
+        f"noflash test device: {DEVICE} (NOFLASH_TEST_DEVICE)",
+        f"ComfyUI: {comfy} (COMFYUI_PATH)" if comfy else "ComfyUI: COMFYUI_PATH not set, the ComfyUI tests skip",
+    ]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
