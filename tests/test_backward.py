@@ -14,6 +14,7 @@ from noflash_core import scaled_dot_product_attention as sdpa
 from tests.support.device import DEVICE, measure_peak, skip_unless_supported
 from tests.support.reference import math_sdpa
 from tests.support.tiers import AUTO_TIERS, TierLog, budget_below_math
+from tests.support.training import adam_losses, assert_same_training
 
 BLOCKS = dict(block_m=16, block_n=32)
 
@@ -242,24 +243,12 @@ class _Block(torch.nn.Module):
 def _train(attention, steps: int = 3, n: int = 4096):
     torch.manual_seed(0)
     model = _Block(32, 2, attention).to(DEVICE)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(1, n, 32).to(DEVICE)
-    target = torch.randn(1, n, 32).to(DEVICE)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    x, target = torch.randn(1, n, 32).to(DEVICE), torch.randn(1, n, 32).to(DEVICE)
+    return adam_losses(model, model.parameters(), x, target, steps, lr=1e-3)
 
 
 def test_training_loop_matches_math():
     with TierLog() as log:
         ours = _train(lambda *a, **kw: sdpa(*a, **kw))
     assert set(log.tiers) <= {1, 2}, log.by_tier()  # 4096 tokens: auto tiles
-    theirs = _train(math_sdpa)
-    assert ours[-1] < ours[0]
-    for a, b in zip(ours, theirs):
-        assert abs(a - b) <= 1e-5 * abs(b)
+    assert_same_training(ours, _train(math_sdpa))

@@ -58,6 +58,15 @@ def _wait_http(url: str, deadline: float, proc: subprocess.Popen, what: str):
     raise TimeoutError(f"{what} did not answer {url}")
 
 
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _workflow(unet: str, clip: str) -> dict:
     """Tiny SD3-style model → Attention Patcher → Tier Selector (T2) → KSampler → SaveLatent, plus a VRAM Probe."""
     nodes = []
@@ -268,11 +277,7 @@ def server(tmp_path_factory):
                    "ComfyUI")
         yield {"url": f"http://127.0.0.1:{port}/", "base": base, "log": log.name}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc, timeout=20)
         log.close()
 
 
@@ -299,11 +304,7 @@ def test_badge_and_panel_after_a_run(server, tmp_path):
         workflow = _workflow("tiny_sd3.safetensors", "tiny_clip_l.safetensors")
         seen = asyncio.run(_drive_browser(devtools_port, server["url"], workflow, screenshot))
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
+        _stop(browser, timeout=10)
         shutil.rmtree(profile, ignore_errors=True)
 
     types = sorted(n["type"] for n in seen["badges"])
