@@ -89,6 +89,21 @@ def _allocator_stats(device: torch.device):
     return None
 
 
+_warmed: set = set()
+
+
+def _warm_up(device: torch.device) -> None:
+    """Run one matmul per dtype once, so that the BLAS libraries' workspaces exist before anything is measured."""
+    if device in _warmed:
+        return
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        a = torch.ones(64, 64, device=device, dtype=dtype)
+        (a @ a).sum()
+        torch.bmm(a[None], a[None])
+    synchronize(device)
+    _warmed.add(device)
+
+
 @dataclass
 class Peak:
     """Peak bytes of one measured block.
@@ -112,7 +127,7 @@ def measure_peak(device: Optional[torch.device] = None) -> Iterator[Peak]:
     peak = Peak()
     base = 0
     if stats is not None:
-        synchronize(device)
+        _warm_up(device)
         base = stats.memory_allocated(device)
         stats.reset_peak_memory_stats(device)
     with LiveBytesTracker() as tracker:
