@@ -9,9 +9,10 @@ import torch
 from comfy_api.latest import io
 
 from ..noflash_core.comfy.families import family_for_comfy_model
-from ..noflash_core.comfy.probe import dtype_key, probe_text
+from ..noflash_core.comfy.probe import probe_text
 from ..noflash_core.comfy.telemetry import default_history
 from ..noflash_core.device import device_report
+from ..noflash_core.units import dtype_name
 from ..noflash_core.video.families import family_names
 
 __all__ = ["NoFlashVRAMProbe"]
@@ -26,7 +27,7 @@ def _family_and_dtype(model, family: str) -> Tuple[Optional[str], str, str]:
     dtype = "fp16"
     detected = None
     if model is not None:
-        dtype = dtype_key(model.model_dtype())
+        dtype = dtype_name(model.model_dtype())
         config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
         detected = family_for_comfy_model(type(model.model).__name__, config)
     if family != _AUTO:

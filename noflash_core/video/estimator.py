@@ -29,21 +29,15 @@ from torch import nn
 
 from ..memory.fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
 from ..memory.tracker import LiveBytesTracker
-from ..units import format_bytes as _format_bytes
+from ..units import dtype_name, format_bytes, parse_dtype
 from .families import AttentionStage, ModelFamily, get_family
 
 __all__ = ["AttentionEstimate", "FFNEstimate", "RunEstimate", "estimate_run", "format_bytes"]
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _UNLIMITED = 1 << 60
 _MAX_FFN_CHUNKS = 64  # past this, per-chunk overhead grows and the output buffer dominates anyway
 _GiB = 1024**3
-
-
-def format_bytes(n: Optional[float]) -> str:
-    """Bytes in binary units: ``"512 MiB"``, ``"71.4 GiB"``; None is ``"?"``."""
-    return _format_bytes(n, missing="?")
 
 
 @dataclass(frozen=True)
@@ -293,15 +287,8 @@ def _attention_budget(vram: Optional[int], resident: int) -> Optional[int]:
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype]) -> Tuple[str, torch.dtype]:
-    if isinstance(dtype, torch.dtype):
-        names = {v: k for k, v in _DTYPES.items()}
-        if dtype not in names:
-            raise ValueError(f"dtype {dtype} is not supported; use fp16, bf16 or fp32")
-        return names[dtype], dtype
-    key = _DTYPE_ALIASES.get(dtype.strip().lower().replace("torch.", ""), dtype.strip().lower())
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
-    return key, _DTYPES[key]
+    torch_dtype = parse_dtype(dtype, allowed=_DTYPES)
+    return dtype_name(torch_dtype), torch_dtype
 
 
 def estimate_run(
@@ -333,7 +320,7 @@ def estimate_run(
         ValueError: unknown model or dtype, or a size that makes no latent.
     """
     fam = get_family(model)
-    dtype_name, torch_dtype = _parse_dtype(dtype)
+    name, torch_dtype = _parse_dtype(dtype)
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
     if vram_bytes is not None and vram_bytes <= 0:
@@ -368,7 +355,7 @@ def estimate_run(
         height=height,
         frames=frames,
         batch=batch,
-        dtype=dtype_name,
+        dtype=name,
         device=str(dev),
         latent_shape=latent,
         token_grid=grid,
