@@ -112,12 +112,16 @@ def attention_backward_op(
     block_n: int,
     mask_grad: bool,
     pinned: bool,
+    grad_lse: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked)."""
+    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked).
+    ``grad_lse`` ``(B, H, G, L)`` is the gradient of the lse output, for callers that return it."""
     problem = _problem(q, k, v, mask, is_causal, scale)
     dropout = _dropout(dropout_p, seed)
     (dq, dk, dv, dmask), _ = retry_out_of_memory(
-        lambda blocks: attention_backward(problem, out, lse, grad_out, blocks[0], blocks[1], dropout, mask_grad),
+        lambda blocks: attention_backward(
+            problem, out, lse, grad_out, blocks[0], blocks[1], dropout, mask_grad, grad_lse
+        ),
         (block_m, block_n),
         lambda: () if pinned else _halved_blocks(block_m, block_n),
         q.device,
@@ -129,7 +133,8 @@ def attention_backward_op(
 
 
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned):
+def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned,
+      grad_lse=None):
     dmask = mask.new_empty(mask.shape) if (mask_grad and mask is not None) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
