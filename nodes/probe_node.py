@@ -29,12 +29,24 @@ _AUTO = "from model"
 _GIB = 1 << 30
 
 
+def _weights_format(module) -> str:
+    """``"fp8"``, ``"fp32"`` or ``"fp16"``: the storage format of most of a module's parameters."""
+    by_dtype = {}
+    for p in module.parameters():
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+    if not by_dtype:
+        return "fp16"
+    name = str(max(by_dtype, key=by_dtype.get))
+    return "fp8" if "float8" in name else ("fp32" if "float32" in name else "fp16")
+
+
 def _family_and_dtype(model, family: str) -> Tuple[Optional[str], str, str]:
     """``(family key or None, dtype key, note)`` from the family input and the connected model."""
     dtype = "fp16"
     detected = None
     if model is not None:
-        dtype = dtype_key(model.model_dtype())
+        compute = getattr(model.model, "manual_cast_dtype", None)  # fp8 files compute in fp16/bf16
+        dtype = dtype_key(compute if compute is not None else model.model_dtype())
         config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
         detected = family_for_comfy_model(type(model.model).__name__, config)
     if family != _AUTO:
@@ -120,11 +132,14 @@ class NoFlashVRAMProbe(io.ComfyNode):
         estimate = None
         if key is not None:
             try:
+                fp8 = model is not None and "float8" in str(model.model_dtype())
                 est = estimate_run(
                     key, width, height, frames=frames, batch=batch, dtype=dtype,
                     vram_bytes=vram_gb * _GIB if vram_gb > 0 else None,
                     device=here if device == THIS_MACHINE and here is not None else device,
                     text_encoders=_text_encoders(text_encoder, clip), prompt_tokens=prompt_tokens,
+                    weights="fp8" if fp8 else None,
+                    text_encoder_weights=_weights_format(clip.cond_stage_model) if clip is not None else "fp16",
                 )
                 estimate = est.to_text()
                 chart = est.to_chart()

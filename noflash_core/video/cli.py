@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the model's), none, or keys joined by '+', e.g. clip-l+t5-xxl")
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
     p.add_argument("--vae", default="auto", help="auto (the model's), none, or a VAE key")
+    p.add_argument("--weights", help="the diffusion model's weight format if not --dtype: fp8, fp16, bf16, fp32")
+    p.add_argument("--text-encoder-weights", default="fp16",
+                   help="the text encoders' weight format: fp16 (default) or fp8 (fp8-scaled files)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument("--list", action="store_true", help="list the model families and exit")
     return p
@@ -113,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             text_encoders=args.text_encoders,
             prompt_tokens=args.prompt_tokens,
             vae=args.vae,
+            weights=args.weights,
+            text_encoder_weights=args.text_encoder_weights,
         )
     except ValueError as exc:
         parser.error(str(exc))

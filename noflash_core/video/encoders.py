@@ -102,11 +102,13 @@ class VAESpec:
         conv_px: decoder working set outside attention, in elements of the VAE's dtype per output pixel;
             None where it was not measured.
         conv_px_frame: the part of it that grows with the output frames, per pixel and frame.
+        conv_px_image: the working set per pixel when only one frame is decoded (images through a video VAE,
+            which decodes the first latent frame alone); None: ``conv_px + conv_px_frame``.
 
-    ``conv_px`` and ``conv_px_frame`` were measured with the live-bytes tracker on ComfyUI 0.3.64's decoders on fake
-    tensors (fp32; ``tests/comfy/test_comfyui_probe.py`` re-measures them): SD 2,561 bytes per pixel at 1024² and
-    1536²; Wan 2.1 16,399 and 17,411 bytes per pixel at 5 and 21 frames; Wan 2.2 15,383 and 17,674; HunyuanVideo
-    about 4,400 per pixel and frame.
+    They were measured with the live-bytes tracker on ComfyUI 0.3.64's decoders on fake tensors (fp32, bytes per
+    output pixel; ``tests/comfy/test_comfyui_probe.py`` re-measures some): SD 2,561 at 1024² and 1536²; Wan 2.1
+    6,538 for one frame, 17,264 and 17,411 for 9 and 21 frames (16,399 for 5: the fit is 5% high there); Wan 2.2
+    5,292, 17,528 and 17,674; HunyuanVideo about 4,400 per pixel and frame.
     """
 
     name: str
@@ -119,12 +121,16 @@ class VAESpec:
     attention_frames: str = "one"
     conv_px: Optional[float] = None
     conv_px_frame: float = 0.0
+    conv_px_image: Optional[float] = None
 
     def conv_bytes(self, height: int, width: int, frames: int, elt: int) -> Optional[int]:
         """Decoder working bytes outside attention for ``frames`` output frames of ``height x width``."""
         if self.conv_px is None:
             return None
-        return int(height * width * (self.conv_px + self.conv_px_frame * frames) * elt)
+        per_px = self.conv_px + self.conv_px_frame * frames
+        if frames == 1 and self.conv_px_image is not None:
+            per_px = self.conv_px_image
+        return int(height * width * per_px * elt)
 
 
 TEXT_ENCODERS: Dict[str, TextEncoderSpec] = {
@@ -148,8 +154,8 @@ VAES: Dict[str, VAESpec] = {
     s.name: s
     for s in (
         VAESpec("sd", "SD/SDXL/SD3/Flux VAE", 8, 1, 512, 128, 83.7e6, "one", 640.0),
-        VAESpec("wan2.1", "Wan 2.1 / Qwen-Image VAE", 8, 4, 384, 96, 127e6, "one", 4021.0, 15.8),
-        VAESpec("wan2.2", "Wan 2.2 TI2V VAE", 16, 4, 1024, 256, 353e6, "one", 3667.0, 35.8),
+        VAESpec("wan2.1", "Wan 2.1 / Qwen-Image VAE", 8, 4, 384, 96, 127e6, "one", 4288.5, 3.06, 1634.4),
+        VAESpec("wan2.2", "Wan 2.2 TI2V VAE", 16, 4, 1024, 256, 353e6, "one", 4354.6, 3.05, 1322.9),
         VAESpec("hunyuanvideo", "HunyuanVideo VAE", 8, 4, 512, 128, 246e6, "all", 0.0, 1100.0),
         VAESpec("ltxv", "LTX-Video VAE", 32, 8, 0, 128, 419e6),
     )

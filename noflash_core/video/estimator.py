@@ -73,7 +73,7 @@ _UNLIMITED = 1 << 50
 _MAX_FFN_CHUNKS = 64  # past this, per-chunk overhead grows and the output buffer dominates anyway
 _META = torch.device("meta")
 _TE_ELT = 4  # ComfyUI runs text encoders in fp32 (SDClipModel passes dtype=float32), weights stay fp16
-_TE_WEIGHT_ELT = 2
+_WEIGHT_BYTES = {"fp8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
 
 
 def format_bytes(n: Optional[float]) -> str:
@@ -285,6 +285,8 @@ class RunEstimate:
     fits_comfy: Optional[bool]
     fits_noflash: Optional[bool]
     fits_noflash_chunked: Optional[bool]
+    weights_format: str
+    text_encoder_weights: str
     prompt_tokens: int
     text_encoders: Tuple[TextEncoderEstimate, ...]
     vae: Optional[VAEEstimate]
@@ -505,7 +507,7 @@ def _estimate_attention(name: str, shape: AttentionShape, dtype: torch.dtype, bu
 
 
 def _estimate_text_encoder(spec: TextEncoderSpec, prompt_tokens: int, paths: ComfyPaths,
-                           vram: Optional[int], resident: int) -> TextEncoderEstimate:
+                           vram: Optional[int], resident: int, weight_elt: int) -> TextEncoderEstimate:
     """One encoder's attention call and working set (fp32 activations, as ComfyUI runs text encoders)."""
     batch, length = spec.tokens(prompt_tokens)
     h, d, elt = spec.heads, spec.head_dim, _TE_ELT
@@ -525,7 +527,7 @@ def _estimate_text_encoder(spec: TextEncoderSpec, prompt_tokens: int, paths: Com
     mlp = batch * length * (2 * spec.width + spec.ffn_dim * (3 if spec.gated else 2)) * elt
     return TextEncoderEstimate(
         name=spec.name, display=spec.display, batch=batch, tokens=length, heads=h, head_dim=d,
-        weights_bytes=int(spec.params * _TE_WEIGHT_ELT), comfy_path=paths.text, comfy_attention_bytes=comfy,
+        weights_bytes=int(spec.params * weight_elt), comfy_path=paths.text, comfy_attention_bytes=comfy,
         noflash_attention_bytes=noflash, tier=plan.tier,
         working_comfy_bytes=mask + max(held + comfy, mlp), working_noflash_bytes=mask + max(held + noflash, mlp),
     )
@@ -592,6 +594,16 @@ def _parse_dtype(dtype: Union[str, torch.dtype]) -> Tuple[str, torch.dtype]:
     return key, _DTYPES[key]
 
 
+def _weight_format(name: str, what: str) -> str:
+    key = str(name).strip().lower().replace("torch.", "")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key.startswith(("fp8", "float8")):
+        key = "fp8"
+    if key not in _WEIGHT_BYTES:
+        raise ValueError(f"unknown {what} format {name!r}; use fp8, fp16, bf16 or fp32")
+    return key
+
+
 def _encoder_specs(fam: ModelFamily,
                    text_encoders: Union[None, str, Sequence[Union[str, TextEncoderSpec]]]) -> List[TextEncoderSpec]:
     if text_encoders is None or (isinstance(text_encoders, str) and text_encoders.strip().lower() == "auto"):
@@ -616,6 +628,8 @@ def estimate_run(
     text_encoders: Union[None, str, Sequence[Union[str, TextEncoderSpec]]] = "auto",
     prompt_tokens: int = 256,
     vae: Union[None, str, VAESpec] = "auto",
+    weights: Optional[str] = None,
+    text_encoder_weights: str = "fp16",
 ) -> RunEstimate:
     """Predict the memory of one run on ``device`` and whether it fits.
 
@@ -631,6 +645,9 @@ def estimate_run(
         text_encoders: ``"auto"`` (the family's), ``"none"``, ``"clip-l+t5-xxl"`` style keys, or specs.
         prompt_tokens: prompt length in tokens before the encoder's padding and template.
         vae: ``"auto"`` (the family's), ``"none"``, a key of :data:`~noflash_core.video.encoders.VAES` or a spec.
+        weights: the diffusion model's weight format when it differs from ``dtype`` (``"fp8"`` for fp8 files).
+        text_encoder_weights: the text encoders' weight format (``"fp16"``; ``"fp8"`` for fp8-scaled files).
+            ComfyUI computes text encoders in fp32 either way.
 
     Raises:
         ValueError: unknown model, device, encoder, VAE or dtype, or a size that makes no latent.
@@ -640,12 +657,14 @@ def estimate_run(
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
     target, profile = resolve_target(device, vram_bytes)
+    formats = (_weight_format(weights or dtype_name, "weights"),
+               _weight_format(text_encoder_weights, "text_encoder_weights"))
     encoders = _encoder_specs(fam, text_encoders)
     vae_spec = None if vae is None or vae == "none" else (
         get_vae(fam.vae) if vae == "auto" else (vae if isinstance(vae, VAESpec) else get_vae(vae)))
     with math_reductions(True), simulate_device(profile):
         return _estimate(fam, width, height, frames, batch, dtype_name, torch_dtype, target, profile, encoders,
-                         max(1, int(prompt_tokens)), vae_spec)
+                         max(1, int(prompt_tokens)), vae_spec, formats)
 
 
 @dataclass(frozen=True)
@@ -708,11 +727,13 @@ def _fits(vram: Optional[int], need: int) -> Optional[bool]:
 
 def _estimate(fam: ModelFamily, width: int, height: int, frames: int, batch: int, dtype_name: str,
               torch_dtype: torch.dtype, target: TargetDevice, profile: DeviceProfile,
-              encoders: List[TextEncoderSpec], prompt_tokens: int, vae_spec: Optional[VAESpec]) -> RunEstimate:
+              encoders: List[TextEncoderSpec], prompt_tokens: int, vae_spec: Optional[VAESpec],
+              formats: Tuple[str, str]) -> RunEstimate:
     vram = target.vram_bytes
     latent, grid = _latent_and_grid(fam, width, height, frames)
     elt = torch_dtype.itemsize
-    weights = int(fam.nominal_params * elt)
+    weight_elt, te_weight_elt = _WEIGHT_BYTES[formats[0]], _WEIGHT_BYTES[formats[1]]
+    weights = int(fam.nominal_params * weight_elt)
     block_weights = int(math.ceil(weights / max(1, fam.layers)))
     geometry = _Geometry(fam, grid, batch, torch_dtype, elt, target.paths)
 
@@ -739,14 +760,15 @@ def _estimate(fam: ModelFamily, width: int, height: int, frames: int, batch: int
 
     te_rows: List[TextEncoderEstimate] = []
     if encoders:
-        te_weights = sum(int(e.params * _TE_WEIGHT_ELT) for e in encoders)
-        te_rows = [_estimate_text_encoder(e, prompt_tokens, target.paths, vram, te_weights) for e in encoders]
+        te_weights = sum(int(e.params * te_weight_elt) for e in encoders)
+        te_rows = [_estimate_text_encoder(e, prompt_tokens, target.paths, vram, te_weights, te_weight_elt)
+                   for e in encoders]
         work_comfy = max(r.working_comfy_bytes for r in te_rows)
         work_noflash = max(r.working_noflash_bytes for r in te_rows)
         te_loaded = te_weights
         if vram is not None and te_weights + work_noflash > vram:
             # ComfyUI loads the text encoder partially and streams the rest (low-VRAM mode): one layer's share.
-            te_loaded = max(int(e.params * _TE_WEIGHT_ELT / e.layers) for e in encoders)
+            te_loaded = max(int(e.params * te_weight_elt / e.layers) for e in encoders)
             notes.append(f"text-encoder weights ({format_bytes(te_weights)}) do not fit next to its working set: "
                          "assumed streamed layer by layer (ComfyUI low-VRAM mode), which is slower")
         comfy, noflash = te_loaded + work_comfy, te_loaded + work_noflash
@@ -778,6 +800,7 @@ def _estimate(fam: ModelFamily, width: int, height: int, frames: int, batch: int
         attention=tuple(blocks.attention), ffn=tuple(blocks.ffn), working_comfy_bytes=blocks.working[0],
         working_noflash_bytes=blocks.working[1], working_noflash_chunked_bytes=blocks.working[2],
         weights_resident=weights_resident, fits_comfy=fits[0], fits_noflash=fits[1], fits_noflash_chunked=fits[2],
+        weights_format=formats[0], text_encoder_weights=formats[1],
         prompt_tokens=prompt_tokens, text_encoders=tuple(te_rows), vae=vae_row, phases=tuple(phases),
         verdict=verdict, verdict_text=verdict_text, advice=advice, notes=tuple(notes),
     )

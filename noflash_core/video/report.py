@@ -56,7 +56,8 @@ def report_text(r) -> str:
         f"  latent {c}x{t}x{h}x{w} -> token grid {r.token_grid[0]}x{r.token_grid[1]}x{r.token_grid[2]} = "
         f"{r.video_tokens:,} tokens" + (f" + {r.text_tokens} text tokens" if r.text_tokens else ""),
         f"  tokens per attention call: {r.tokens_per_call:,}",
-        f"  weights: {_fmt(r.weights_bytes)} ({'resident' if r.weights_resident else 'streamed'}); "
+        f"  weights: {_fmt(r.weights_bytes)} ({r.weights_format}, "
+        f"{'resident' if r.weights_resident else 'streamed'}); "
         f"activations around attention: {_fmt(r.activation_bytes)}",
         "",
         f"  attention call          ComfyUI ({PATH_NAMES[paths.diffusion]}){'':<4} math SDPA    noflash plan"
@@ -86,7 +87,8 @@ def report_text(r) -> str:
     ):
         lines.append(f"    {label:<30} {_fmt(loaded + work):>10}   {_fits(fits)}")
     if r.text_encoders:
-        lines += ["", f"Text encoder (prompt of {r.prompt_tokens} tokens, fp32 activations, fp16 weights)"]
+        lines += ["", f"Text encoder (prompt of {r.prompt_tokens} tokens, fp32 activations, "
+                      f"{r.text_encoder_weights} weights)"]
         for e in r.text_encoders:
             lines.append(
                 f"  {e.display}: {e.batch} x {e.tokens:,} tokens, {e.heads} heads of {e.head_dim}, weights "
