@@ -10,7 +10,6 @@ import {
   fitText,
   isEstimate,
   layoutChart,
-  verdictLine,
   verdictStyle,
 } from "./noflash_chart.js";
 import {
@@ -125,7 +124,7 @@ async function loadHistory() {
 
 const ESTIMATE_KEY = "noflash_estimate";
 const SHOW_REPORT_KEY = "noflash_show_report";
-const MIN_WIDTH = 460;
+const MIN_WIDTH = 480;
 
 function estimateOf(node) {
   const data = node.properties?.[ESTIMATE_KEY];
@@ -149,21 +148,24 @@ function drawChart(ctx, node, width, y) {
   ctx.textAlign = "left";
   // Verdict pill and the device line.
   const style = verdictStyle(data?.verdict);
-  roundRect(ctx, 8, 2, lay.width - 16, 22, 5);
+  roundRect(ctx, 8, 2, lay.width - 16, lay.pillHeight, 5);
   ctx.fillStyle = style.bg;
   ctx.fill();
   ctx.fillStyle = style.fg;
   ctx.font = "bold 12px sans-serif";
-  const maxChars = Math.floor((lay.width - 40) / 6.6);
-  ctx.fillText(`${style.icon} ${fitText(verdictLine(data), maxChars)}`, 14, 13);
+  lay.verdict.forEach((line, i) => ctx.fillText(`${i === 0 ? style.icon : " "} ${line}`, 14, 13 + i * 16));
   ctx.font = "11px sans-serif";
   ctx.fillStyle = COLORS.dim;
-  ctx.fillText(fitText(data ? `${deviceLine(data)} \u00b7 ${data.title ?? ""}` : "", maxChars + 8), 10, 35);
+  const maxChars = Math.floor((lay.width - 20) / 5.8);
+  ctx.fillText(fitText(data ? `${deviceLine(data)} \u00b7 ${data.title ?? ""}` : "", maxChars), 10, lay.deviceY);
   if (!data) {
     ctx.restore();
     return;
   }
   // Bars.
+  ctx.font = "italic 10px sans-serif";
+  ctx.fillStyle = COLORS.dim;
+  for (const c of lay.captions) ctx.fillText(c.text, lay.labelX, c.y + 7);
   ctx.font = "11px sans-serif";
   const labelChars = Math.floor(lay.labelW / 5.8);
   for (const r of lay.rows) {
@@ -220,6 +222,16 @@ function chartHeight(node, width) {
     .height;
 }
 
+// Record the node's new properties as a workflow change: the frontend then saves the workflow to the browser's
+// storage (it does so on graph changes only), so the last estimate is there after a page reload.
+function recordChange() {
+  try {
+    app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+  } catch (err) {
+    console.debug("noflash: could not record the probe's estimate as a workflow change", err);
+  }
+}
+
 function fitNode(node) {
   const needed = node.computeSize?.() ?? node.size;
   let width = Math.max(node.size[0], MIN_WIDTH);
@@ -252,6 +264,7 @@ function setupProbe(node) {
     button.name = node.properties[SHOW_REPORT_KEY] ? "hide full report" : "show full report";
     button.label = button.name;
     fitNode(node);
+    recordChange();
   });
   button.serialize = false;
   button.options = { ...(button.options ?? {}), serialize: false };
@@ -263,6 +276,7 @@ function setupProbe(node) {
     if (data) {
       this.properties[ESTIMATE_KEY] = data; // saved with the workflow: the picture survives a reload
       fitNode(this);
+      recordChange();
     }
   };
   const onConfigure = node.onConfigure;

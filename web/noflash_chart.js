@@ -9,7 +9,9 @@ import { formatBytes } from "./noflash_format.js";
 
 export const CHART = Object.freeze({
   pad: 10,
-  headerHeight: 46,
+  verdictLineHeight: 16,
+  verdictCharWidth: 6.7,
+  captionHeight: 16,
   rowHeight: 17,
   groupGap: 8,
   footerHeight: 18,
@@ -71,6 +73,27 @@ export function chartScale(data) {
   return Math.max(vram * 1.12, Math.min(biggest * 1.05, vram * CHART.maxOverVram));
 }
 
+// Words of `text` in at most `maxLines` lines of `maxChars` characters (the last one cut with an ellipsis).
+export function wrapText(text, maxChars, maxLines = 2) {
+  const words = String(text ?? "").split(/\s+/).filter(Boolean);
+  const lines = [];
+  let line = "";
+  for (const word of words) {
+    const next = line ? `${line} ${word}` : word;
+    if (next.length <= maxChars || !line) {
+      line = next;
+    } else {
+      lines.push(line);
+      line = word;
+    }
+  }
+  if (line) lines.push(line);
+  if (lines.length <= maxLines) return lines.map((l) => fitText(l, maxChars));
+  const kept = lines.slice(0, maxLines);
+  kept[maxLines - 1] = fitText(`${kept[maxLines - 1]} ${lines.slice(maxLines).join(" ")}`, maxChars);
+  return kept;
+}
+
 // Geometry for a node `width` pixels wide. Report lines are laid out only when showReport is set.
 export function layoutChart(data, width, showReport = false) {
   const w = Math.max(200, width || 0);
@@ -79,10 +102,18 @@ export function layoutChart(data, width, showReport = false) {
   const x0 = CHART.pad + labelW + 6;
   const barArea = Math.max(40, w - CHART.pad - x0 - 62);
   const scale = chartScale(data);
-  let y = CHART.headerHeight;
+  const verdict = wrapText(verdictLine(data), Math.floor((w - 40) / CHART.verdictCharWidth), 2);
+  const pillHeight = 8 + verdict.length * CHART.verdictLineHeight;
+  const deviceY = pillHeight + 12;
+  let y = deviceY + 14;
   const out = [];
+  const captions = [];
   for (const r of rows) {
     if (r.gapBefore) y += CHART.groupGap;
+    if (r.group === "total" && !captions.length) {
+      captions.push({ text: "peak per phase, weights included", y });
+      y += CHART.captionHeight;
+    }
     const frac = (r.bytes || 0) / scale;
     const clipped = frac > 1;
     out.push({
@@ -106,7 +137,7 @@ export function layoutChart(data, width, showReport = false) {
   const report = showReport && data?.text ? String(data.text).split("\n") : [];
   const height = y + report.length * CHART.reportLineHeight + (report.length ? CHART.pad : 0);
   return { width: w, height, labelX: CHART.pad, labelW, barX: x0, barArea, scale, rows: out, vramX, barsBottom,
-           footerY: barsBottom + 4, report, reportY: y };
+           footerY: barsBottom + 4, report, reportY: y, verdict, pillHeight, deviceY, captions };
 }
 
 // The one-line verdict shown at the top (the full advice is in the report).

@@ -149,14 +149,13 @@ def chart(r) -> Dict[str, Any]:
         _component("ffn", "FFN", ffn_whole, "part", "denoise", None,
                    detail=f"chunked: {_fmt(ffn_chunked)}"),
     ]
-    labels = {"denoise": "denoise peak", "text encoder": "text encoder", "VAE decode": "VAE decode"}
     comfy_names = {"denoise": PATH_NAMES[paths.diffusion], "text encoder": PATH_NAMES[paths.text],
                    "VAE decode": PATH_NAMES[paths.vae]}
     for p in r.phases:
         key = p.name.split()[0].lower()
-        comps.append(_component(f"{key}_comfy", f"{labels[p.name]} · ComfyUI {comfy_names[p.name]}", p.comfy_bytes,
-                                "total", p.name, "comfy", p.fits_comfy, "weights included"))
-        comps.append(_component(f"{key}_noflash", f"{labels[p.name]} · noflash", p.noflash_bytes, "total", p.name,
+        comps.append(_component(f"{key}_comfy", f"{p.name} · ComfyUI", p.comfy_bytes, "total", p.name, "comfy",
+                                p.fits_comfy, f"ComfyUI's {comfy_names[p.name]}, weights included"))
+        comps.append(_component(f"{key}_noflash", f"{p.name} · noflash", p.noflash_bytes, "total", p.name,
                                 "noflash", p.fits_noflash,
                                 "with " + (", ".join("NoFlash " + n for n in p.nodes) or "nothing to patch")))
     frames = f" · {r.frames} frames" if r.frames > 1 else ""

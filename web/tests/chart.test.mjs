@@ -14,6 +14,7 @@ import {
   layoutChart,
   verdictLine,
   verdictStyle,
+  wrapText,
 } from "../noflash_chart.js";
 
 // Real estimates written by noflash_core.video.report.chart() (python -m noflash_core.video, same numbers).
@@ -81,4 +82,13 @@ test("no estimate yet", () => {
 test("fitText", () => {
   assert.equal(fitText("abcdef", 10), "abcdef");
   assert.equal(fitText("abcdef", 4), "abc\u2026");
+});
+
+test("the verdict wraps to at most two lines", () => {
+  const lay = layoutChart(flux, 480);
+  assert.ok(lay.verdict.length >= 1 && lay.verdict.length <= 2);
+  assert.ok(lay.verdict.every((l) => l.length <= Math.floor((480 - 40) / CHART.verdictCharWidth)));
+  assert.equal(lay.captions.length, 1);
+  assert.deepEqual(wrapText("a b c", 3, 1), ["a \u2026"]);
+  assert.deepEqual(wrapText("aa bb cc", 5, 2), ["aa bb", "cc"]);
 });
