@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..noflash_core.ffn.chunk import chunked_forward
 from ..noflash_core.ffn.detect import find_ffn_modules
+from ._schema import model_patch_schema
 
 __all__ = ["NoFlashFFNChunker"]
 
@@ -15,24 +16,19 @@ logger = logging.getLogger(__name__)
 
 
 class NoFlashFFNChunker(io.ComfyNode):
+    """Runs each eligible feed-forward block of the diffusion model in chunks along the tokens, cutting its
+    intermediate activation by the chunk count. Each wrapped block checks itself against the unchunked result on
+    its first call and passes through if they differ. Only the returned clone is patched (object patches, undone
+    when the model unloads)."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="NoFlashFFNChunker",
-            display_name="NoFlash FFN Chunker",
-            category="advanced/noflash",
-            description="Runs each eligible feed-forward block of the diffusion model in chunks along the tokens, "
-            "cutting its intermediate activation by the chunk count. Each wrapped block checks itself against "
-            "the unchunked result on its first call and passes through if they differ. Only the returned clone "
-            "is patched (object patches, undone when the model unloads).",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (cloned, never mutated)."),
-                io.Int.Input(
-                    "num_chunks", default=0, min=0, max=1024,
-                    tooltip="Token chunks per feed-forward call. 0 = adaptive, sized from the memory budget "
-                    "(NOFLASH_FFN_CHUNKS sets the default)."),
-            ],
-            outputs=[io.Model.Output(display_name="model")],
+        return model_patch_schema(
+            cls, "NoFlash FFN Chunker", "The diffusion model (cloned, never mutated).",
+            io.Int.Input("num_chunks", default=0, min=0, max=1024,
+                         tooltip="Token chunks per feed-forward call. 0 = adaptive, sized from the memory budget "
+                         "(NOFLASH_FFN_CHUNKS sets the default)."),
+            with_node_id=False,
         )
 
     @classmethod

@@ -15,9 +15,9 @@ from comfy_api.latest import io
 
 from ..noflash_core.comfy.estimate import TEXT_ENCODER_CHOICES, encoders_from_clip, probe_text
 from ..noflash_core.comfy.families import family_for_comfy_model
-from ..noflash_core.comfy.probe import dtype_key
 from ..noflash_core.comfy.telemetry import default_history
 from ..noflash_core.device import device_report
+from ..noflash_core.units import dtype_name
 from ..noflash_core.video.estimator import THIS_MACHINE, device_choices, estimate_run
 from ..noflash_core.video.families import family_names
 
@@ -46,7 +46,8 @@ def _family_and_dtype(model, family: str) -> Tuple[Optional[str], str, str]:
     detected = None
     if model is not None:
         compute = getattr(model.model, "manual_cast_dtype", None)  # fp8 files compute in fp16/bf16
-        dtype = dtype_key(compute if compute is not None else model.model_dtype())
+        name = dtype_name(compute if compute is not None else model.model_dtype())
+        dtype = name if name in ("fp16", "bf16", "fp32") else "fp16"
         config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
         detected = family_for_comfy_model(type(model.model).__name__, config)
     if family != _AUTO:

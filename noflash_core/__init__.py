@@ -10,6 +10,7 @@ from .device import DeviceProfile, device_profile, device_report, simulate_devic
 from .ffn.chunk import chunked_forward
 from .ffn.detect import find_ffn_modules
 from .ffn.patch import FFNPatchHandle, patch_ffn
+from .lse import attention_with_lse
 from .patch import disable, enable, is_enabled, patched
 from .planner import Plan, plan
 from .sdpa import scaled_dot_product_attention
@@ -21,6 +22,7 @@ __all__ = [
     "FFNPatchHandle",
     "Plan",
     "__version__",
+    "attention_with_lse",
     "chunked_forward",
     "device_profile",
     "device_report",

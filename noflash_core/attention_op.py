@@ -5,22 +5,21 @@ call, with no graph break, and gives autograd an O(N)-memory backward:
 
 * the forward saves only q, k, v, the mask, the output and the per-row log-sum-exp (plus the dropout seed, an int);
 * the backward recomputes each tile (see ``backward.py``) and retries with halved blocks on
-  ``torch.OutOfMemoryError``, unless the blocks were pinned.
+  ``torch.OutOfMemoryError`` (the policy of ``oom.py``, shared with the forward), unless the blocks were pinned.
 
 Both ops work on the canonical layout of ``problem.py``.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 from .backward import attention_backward
-from .oom import free_cached_memory
+from .oom import retry_out_of_memory
 from .planner import MIN_BLOCK
-from .problem import AttentionProblem
+from .problem import AttentionProblem, tier3_grad_error
 from .tier1 import tier1_forward
 from .tier2 import tier2_forward
 from .tier3 import tier3_forward
@@ -28,7 +27,6 @@ from .tiles import DropoutSpec
 
 __all__ = ["attention_forward_op", "run_forward"]
 
-_log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
@@ -86,6 +84,17 @@ def _(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n, 
     return out, lse
 
 
+def _halved_blocks(block_m: int, block_n: int) -> Iterator[Tuple[int, int]]:
+    """Block pairs for backward retries: halve the larger block (down to ``MIN_BLOCK``) until both are minimal."""
+    bm, bn = block_m, block_n
+    while bm > MIN_BLOCK or bn > MIN_BLOCK:
+        if bn > bm:
+            bn = max(MIN_BLOCK, bn // 2)
+        else:
+            bm = max(MIN_BLOCK, bm // 2)
+        yield bm, bn
+
+
 @torch.library.custom_op("noflash::attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor,
@@ -103,31 +112,29 @@ def attention_backward_op(
     block_n: int,
     mask_grad: bool,
     pinned: bool,
+    grad_lse: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked)."""
+    """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked).
+    ``grad_lse`` ``(B, H, G, L)`` is the gradient of the lse output, for callers that return it."""
     problem = _problem(q, k, v, mask, is_causal, scale)
     dropout = _dropout(dropout_p, seed)
-    bm, bn = block_m, block_n
-    while True:
-        try:
-            dq, dk, dv, dmask = attention_backward(problem, out, lse, grad_out, bm, bn, dropout, mask_grad)
-            break
-        except torch.OutOfMemoryError:
-            if pinned or (bm <= MIN_BLOCK and bn <= MIN_BLOCK):
-                raise
-            free_cached_memory(q.device)
-            if bn > bm:
-                bn = max(MIN_BLOCK, bn // 2)
-            else:
-                bm = max(MIN_BLOCK, bm // 2)
-            _log.info("noflash backward ran out of memory; retrying with blocks (%d, %d)", bm, bn)
+    (dq, dk, dv, dmask), _ = retry_out_of_memory(
+        lambda blocks: attention_backward(
+            problem, out, lse, grad_out, blocks[0], blocks[1], dropout, mask_grad, grad_lse
+        ),
+        (block_m, block_n),
+        lambda: () if pinned else _halved_blocks(block_m, block_n),
+        q.device,
+        what="noflash backward",
+    )
     if dmask is None:
         dmask = q.new_empty((0,))
     return dq, dk, dv, dmask
 
 
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned):
+def _(grad_out, q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n, mask_grad, pinned,
+      grad_lse=None):
     dmask = mask.new_empty(mask.shape) if (mask_grad and mask is not None) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
@@ -146,10 +153,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
     if ctx.tier3:
-        raise RuntimeError(
-            "noflash tier 3 is inference-only and has no backward. Use tier=1, tier=2 or tier='auto' when inputs "
-            "require grad."
-        )
+        raise tier3_grad_error()
     if torch.is_grad_enabled():
         raise RuntimeError(
             "noflash attention does not support double backward (create_graph=True through attention). Use "

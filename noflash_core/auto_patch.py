@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .device import efficient_sdpa_available, gpu_arch, resolve_device
+from .device import device_profile
 from .patch import enable, threshold_from_env
 
 __all__ = ["AutoDecision", "decide_and_apply", "env_flag"]
@@ -38,19 +38,20 @@ def env_flag(name: str) -> bool:
 
 
 def decide_and_apply(device: Optional[object] = None, *, log_prefix: str = "noflash") -> AutoDecision:
-    """Enable the global SDPA patch where ``device`` lacks an efficient SDPA backend; log one line saying why."""
-    dev = resolve_device(device)
+    """Enable the global SDPA patch where ``device`` lacks an efficient SDPA backend (its
+    :class:`~noflash_core.device.DeviceProfile` says so); log one line saying why."""
+    profile = device_profile(device)
+    dev = profile.name
     threshold = threshold_from_env()
     if env_flag("NOFLASH_DISABLE"):
-        decision = AutoDecision(False, "NOFLASH_DISABLE is set", str(dev), threshold)
+        decision = AutoDecision(False, "NOFLASH_DISABLE is set", dev, threshold)
     elif env_flag("NOFLASH_FORCE_PATCH"):
-        decision = AutoDecision(True, "NOFLASH_FORCE_PATCH is set", str(dev), threshold)
-    elif efficient_sdpa_available(dev):
-        decision = AutoDecision(False, f"torch has a fused SDPA kernel on {dev}", str(dev), threshold)
+        decision = AutoDecision(True, "NOFLASH_FORCE_PATCH is set", dev, threshold)
+    elif profile.efficient_sdpa:
+        decision = AutoDecision(False, f"torch has a fused SDPA kernel on {dev}", dev, threshold)
     else:
-        arch = gpu_arch(dev)
-        where = f"{dev} ({arch})" if arch else str(dev)
-        decision = AutoDecision(True, f"no fused SDPA kernel on {where}", str(dev), threshold)
+        where = f"{dev} ({profile.arch})" if profile.arch else dev
+        decision = AutoDecision(True, f"no fused SDPA kernel on {where}", dev, threshold)
     if decision.enabled:
         enable(threshold)
     _log.info(

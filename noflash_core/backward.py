@@ -4,7 +4,8 @@ Flash-attention style: nothing of the forward's ``(L, S)`` softmax is kept. For 
 and normalised with the saved row log-sum-exp, giving ``P`` exactly; then
 
 * ``dV += (P * Z)^T dO`` (``Z`` the dropout multiplier, regenerated from the seed),
-* ``dP = (dO V^T) * Z`` and ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``,
+* ``dP = (dO V^T) * Z`` and ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``; when the row log-sum-exp is an
+  output too, its gradient enters as ``D - dlse`` (``d lse / d S = P``),
 * ``dQ += dS K * scale``, ``dK += dS^T (Q * scale)``, and the float mask's gradient is ``dS`` summed over the mask's
   broadcast dims.
 
@@ -47,6 +48,7 @@ def attention_backward(
     block_n: int,
     dropout: Optional[DropoutSpec] = None,
     mask_grad: bool = False,
+    grad_lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of the canonical problem.
 
@@ -55,6 +57,7 @@ def attention_backward(
         lse: row log-sum-exp ``(B, H, G, L)`` from the forward.
         grad_out: ``(B, H, G, L, Ev)``.
         mask_grad: also return the gradient of the float mask ``(Bm, Hm, Gm, Lm, Sm)``.
+        grad_lse: gradient of the row log-sum-exp ``(B, H, G, L)``, or None when the lse is not an output.
 
     Returns:
         ``dq (B, H, G, L, E)``, ``dk (B, H, S, E)``, ``dv (B, H, S, Ev)`` in the input dtype, and the mask gradient
@@ -79,6 +82,8 @@ def attention_backward(
         dout_b = grad_out[:, :, :, i0:i1]
         # D = rowsum(dO * O) and the safe log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
         d_b = (dout_b.to(acc) * out[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            d_b = d_b - grad_lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
         lse_b = lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
         lse_b = torch.where(lse_b == float("-inf"), float("inf"), lse_b)
         dob = tm.operand(dout_b).reshape(b, h, g * bm, ev)

@@ -31,14 +31,10 @@ __all__ = [
     "PRESETS",
     "DeviceProfile",
     "device_profile",
-    "get_preset",
-    "simulate_device",
     "device_report",
-    "efficient_sdpa_available",
-    "free_memory_bytes",
-    "gpu_arch",
-    "probe_sdpa_backends",
+    "get_preset",
     "resolve_device",
+    "simulate_device",
 ]
 
 _log = logging.getLogger(__name__)
@@ -68,7 +64,7 @@ def _is_rocm() -> bool:
     return getattr(torch.version, "hip", None) is not None
 
 
-def gpu_arch(device: torch.device) -> Optional[str]:
+def _gpu_arch(device: torch.device) -> Optional[str]:
     """The GPU architecture: ``gcnArchName`` on ROCm (e.g. ``gfx906:sramecc+:xnack-``), ``sm_XY`` on CUDA."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -141,12 +137,6 @@ def _memory(device: torch.device) -> Tuple[Optional[int], Optional[int]]:
     return None, None
 
 
-def free_memory_bytes(device: torch.device) -> Optional[int]:
-    """Free bytes on ``device`` (sysfs on ROCm, ``mem_get_info`` on CUDA/XPU, the MPS recommendation minus what
-    the driver holds, MemAvailable on CPU), or None when unknown."""
-    return _memory(torch.device(device))[1]
-
-
 def _bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         try:
@@ -158,11 +148,10 @@ def _bf16_supported(device: torch.device) -> bool:
     return True
 
 
-@functools.cache
-def _probe_cached(device_str: str) -> Tuple[Tuple[str, bool], ...]:
+def _probe_backends(device: torch.device) -> Tuple[Tuple[str, bool], ...]:
+    """``(backend, runs)`` for torch's SDPA backends: each one tried on a tiny call on ``device``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device = torch.device(device_str)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     backends = {
         "flash": SDPBackend.FLASH_ATTENTION,
@@ -187,27 +176,6 @@ def _probe_cached(device_str: str) -> Tuple[Tuple[str, bool], ...]:
     return tuple(results)
 
 
-def probe_sdpa_backends(device: Optional[object] = None) -> Dict[str, bool]:
-    """Which of torch's SDPA backends actually run a tiny call on ``device`` (cached per device)."""
-    return dict(_probe_cached(str(resolve_device(device))))
-
-
-def efficient_sdpa_available(device: Optional[object] = None) -> bool:
-    """True when a fused (O(N)-memory) torch SDPA kernel runs on ``device`` and its arch is not known to lack one."""
-    dev = resolve_device(device)
-    arch = gpu_arch(dev)
-    if arch is not None and arch.split(":")[0].startswith(ARCHS_WITHOUT_FUSED_ATTENTION):
-        return False
-    probed = probe_sdpa_backends(dev)
-    return probed["flash"] or probed["efficient"] or probed["cudnn"]
-
-
-def _vendor(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "AMD" if _is_rocm() else "NVIDIA"
-    return {"mps": "Apple", "xpu": "Intel", "cpu": "CPU"}.get(device.type, device.type)
-
-
 def _name(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
@@ -218,31 +186,6 @@ def _name(device: torch.device) -> str:
 
         return platform.processor() or platform.machine() or "cpu"
     return device.type
-
-
-def device_report(device: Optional[object] = None) -> dict:
-    """Describe ``device`` (default: the current accelerator, else CPU).
-
-    Returns:
-        A dict with ``device``, ``name``, ``vendor``, ``arch``, ``total_bytes``, ``free_bytes``, ``bf16``,
-        ``sdpa_backends`` (backend name -> runs), ``efficient_sdpa`` and ``patch_would_activate``.
-    """
-    dev = resolve_device(device)
-    total, free = _memory(dev)
-    backends = probe_sdpa_backends(dev)
-    efficient = efficient_sdpa_available(dev)
-    return {
-        "device": str(dev),
-        "name": _name(dev),
-        "vendor": _vendor(dev),
-        "arch": gpu_arch(dev),
-        "total_bytes": total,
-        "free_bytes": free,
-        "bf16": _bf16_supported(dev),
-        "sdpa_backends": backends,
-        "efficient_sdpa": efficient,
-        "patch_would_activate": not efficient,
-    }
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -296,7 +239,7 @@ class DeviceProfile:
         """Free bytes now: read live from a real accelerator, the fixed figure for presets, CPUs and meta."""
         if self.simulated or self.kind in ("cpu", "meta"):
             return self.free_bytes
-        return free_memory_bytes(torch.device(self.name))
+        return _memory(torch.device(self.name))[1]
 
     def with_memory(self, total_bytes: Optional[int] = None, free_bytes: Optional[int] = None) -> DeviceProfile:
         """A copy with other memory figures (e.g. a 32 GiB MI50): ``free_bytes`` defaults to ``total_bytes``."""
@@ -328,11 +271,13 @@ PRESETS: Mapping[str, DeviceProfile] = {
 fused SDPA kernel that runs (torch falls back to math SDPA there)."""
 
 
+_ALIASES = {"rdna2": "gfx1030", "rdna1": "gfx1010", "mi50": "gfx906", "vega20": "gfx906", "a770": "arc"}
+
+
 def get_preset(name: str) -> DeviceProfile:
     """The preset called ``name`` (case-insensitive; ``rdna2``/``rdna1``/``mi50``/``a770`` are accepted too)."""
-    aliases = {"rdna2": "gfx1030", "rdna1": "gfx1010", "mi50": "gfx906", "vega20": "gfx906", "a770": "arc"}
     key = str(name).strip().lower()
-    key = aliases.get(key, key)
+    key = _ALIASES.get(key, key)
     if key not in PRESETS:
         raise ValueError(f"unknown device profile {name!r}; use one of: {', '.join(PRESETS)}")
     return PRESETS[key]
@@ -404,20 +349,60 @@ def _real_profile(device_str: str) -> DeviceProfile:
     kind = "rocm" if dev.type == "cuda" and _is_rocm() else dev.type
     total, free = _memory(dev)
     return DeviceProfile(
-        name=str(dev), kind=kind, arch=gpu_arch(dev), description=_name(dev), total_bytes=total, free_bytes=free,
+        name=str(dev), kind=kind, arch=_gpu_arch(dev), description=_name(dev), total_bytes=total, free_bytes=free,
         bf16=_bf16_supported(dev), half_out_fp32=_probe_half_out_fp32(dev),
-        sdpa_backends=_probe_cached(str(dev)), simulated=False,
+        sdpa_backends=_probe_backends(dev), simulated=False,
     )
 
 
+_by_device: Dict[torch.device, DeviceProfile] = {}
+
+
 def device_profile(device: Optional[object] = None) -> DeviceProfile:
-    """The :class:`DeviceProfile` of ``device`` (default: the current accelerator, else CPU).
+    """The :class:`DeviceProfile` of ``device`` (a device, its name or a tensor; default: the current accelerator,
+    else CPU).
 
     ``meta`` tensors get the profile of an active :func:`simulate_device`, else a CPU-like meta profile. Real
     devices are probed once and cached.
     """
     if isinstance(device, torch.Tensor):
         device = device.device
-    if device is not None and torch.device(device).type == "meta":
+    if isinstance(device, torch.device):
+        if device.type == "meta":
+            return _simulated() or _META
+        cached = _by_device.get(device)
+        if cached is not None:
+            return cached
+    elif device is not None and torch.device(device).type == "meta":
         return _simulated() or _META
-    return _real_profile(str(resolve_device(device)))
+    profile = _real_profile(str(resolve_device(device)))
+    if isinstance(device, torch.device) and (device.index is not None or device.type != "cuda"):
+        _by_device[device] = profile  # "cuda" alone follows the current device, so it is resolved every time
+    return profile
+
+
+_VENDORS = {"cuda": "NVIDIA", "rocm": "AMD", "mps": "Apple", "xpu": "Intel", "cpu": "CPU", "meta": "none"}
+
+
+def device_report(device: Union[None, str, torch.device, DeviceProfile] = None) -> dict:
+    """Describe ``device`` (a device or its name, or a profile such as ``get_preset("gfx906")``; default: the
+    current accelerator, else CPU), from its :class:`DeviceProfile`.
+
+    Returns:
+        A dict with ``device``, ``name``, ``vendor``, ``arch``, ``total_bytes``, ``free_bytes``, ``bf16``,
+        ``sdpa_backends`` (backend name -> runs), ``efficient_sdpa``, ``patch_would_activate`` and ``simulated``.
+    """
+    profile = device if isinstance(device, DeviceProfile) else device_profile(device)
+    return {
+        "device": profile.name,
+        "name": profile.description,
+        "vendor": _VENDORS.get(profile.kind, profile.kind),
+        "arch": profile.arch,
+        "total_bytes": profile.total_bytes,
+        "free_bytes": profile.free_memory(),
+        "bf16": profile.bf16,
+        "sdpa_backends": dict(profile.sdpa_backends),
+        "efficient_sdpa": profile.efficient_sdpa,
+        "patch_would_activate": not profile.efficient_sdpa,
+        "simulated": profile.simulated,
+    }

@@ -15,11 +15,9 @@ import os
 import threading
 from typing import Callable, Iterator, Optional
 
-import torch
 import torch.nn.functional as F
 
-from . import telemetry
-from .sdpa import scaled_dot_product_attention
+from .sdpa import _attention
 
 __all__ = ["disable", "enable", "is_enabled", "patched", "threshold_from_env"]
 
@@ -46,20 +44,11 @@ def _make_wrapper(original: Callable, threshold: int) -> Callable:
     def noflash_sdpa(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
     ):
-        short = isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] < threshold
-        if short or getattr(query, "is_nested", False):
-            out = original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-            if telemetry.has_listeners() and not torch.compiler.is_compiling():
-                telemetry.emit(
-                    telemetry.CallRecord(
-                        0, query.shape[-2], key.shape[-2], tuple(query.shape), str(query.dtype).replace("torch.", ""),
-                        str(query.device), f"key length {key.shape[-2]} below threshold {threshold}",
-                    )
-                )
-            return out
-        return scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        out, _ = _attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, threshold=threshold,
+            passthrough=original,
         )
+        return out
 
     noflash_sdpa.__noflash__ = True
     noflash_sdpa.__noflash_threshold__ = threshold

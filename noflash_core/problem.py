@@ -9,6 +9,9 @@ broadcasting:
 * mask ``(Bm, Hm, Gm, Lm, Sm)`` where every dim is either 1 (broadcast) or the full size.
 * output ``(B, H, G, L, Ev)``, reshaped back to torch's output shape ``(*batch, Hq, L, Ev)`` at the end.
 
+What depends only on the shapes, dtypes, devices and flags of a call (the validation and the recipe of views above)
+is computed once per such signature and cached, so a repeated call only re-applies a few views.
+
 All reshapes are differentiable torch ops, so autograd maps gradients back to the caller's shapes (including the
 sum over broadcast mask dims).
 
@@ -19,13 +22,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Hashable, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["AttentionProblem", "build_problem", "validate_arguments"]
+from .tracing import is_compiling
+
+__all__ = ["AttentionProblem", "Dims", "build_problem", "call_signature", "tier3_grad_error", "validate_arguments"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CACHE_SIZE = 512
+
+
+class Dims(NamedTuple):
+    """The sizes of a canonical problem: batch ``b``, key/value heads ``h``, query heads per key/value head ``g``,
+    query length ``l``, key length ``s``, head size ``e`` and value head size ``ev``."""
+
+    b: int
+    h: int
+    g: int
+    l: int  # noqa: E741 - the paper's name for the query length
+    s: int
+    e: int
+    ev: int
 
 
 @dataclass(frozen=True)
@@ -51,19 +70,22 @@ class AttentionProblem:
     out_shape: Tuple[int, ...]
 
     @property
-    def dims(self) -> Tuple[int, int, int, int, int, int, int]:
-        """``(B, H, G, L, S, E, Ev)``."""
+    def dims(self) -> Dims:
+        """``Dims(b, h, g, l, s, e, ev)``; unpacks as ``b, h, g, length, s, e, ev = problem.dims``."""
         b, h, g, length, e = self.query.shape
-        return b, h, g, length, self.key.shape[-2], e, self.value.shape[-1]
+        return Dims(b, h, g, length, self.key.shape[-2], e, self.value.shape[-1])
+
+
+def tier3_grad_error() -> RuntimeError:
+    """The one refusal of tier 3 under grad (tier 3 keeps no softmax statistics, so it has no backward)."""
+    return RuntimeError(
+        "noflash tier 3 is inference-only: it keeps no softmax statistics, so it cannot run backward. Use tier=1, "
+        "tier=2 or tier='auto' for inputs that require grad, or call it under torch.no_grad()."
+    )
 
 
 def validate_arguments(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    dropout_p: float,
-    is_causal: bool,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
     enable_gqa: bool,
 ) -> None:
     """Raise RuntimeError, as torch's SDPA does, for arguments it rejects."""
@@ -123,7 +145,6 @@ def validate_arguments(
                 f"scaled_dot_product_attention: with enable_gqa=True the number of query heads ({hq}) must be a "
                 f"multiple of the key heads ({hk}) and the value heads ({hv}). Use a head count that divides."
             )
-    del dropout_p  # any float is accepted; values <= 0 mean no dropout, as in torch.
 
 
 def _split_heads(t: torch.Tensor) -> Tuple[Tuple[int, ...], int]:
@@ -143,22 +164,27 @@ def _broadcast(shapes, what: str) -> Tuple[int, ...]:
         ) from exc
 
 
-def _expand_heads(t: torch.Tensor, batch: Tuple[int, ...], heads: int, target_heads: int) -> torch.Tensor:
-    """``(*b, h, N, E)`` -> ``(B, target_heads, N, E)``; GQA head ``i`` reads head ``i // (target/h)``."""
-    t = t if t.dim() >= 3 else t.unsqueeze(0)
-    t = t.expand(*batch, heads, *t.shape[-2:])
-    t = t.reshape(math.prod(batch), heads, *t.shape[-2:])
-    if heads != target_heads:
-        rep = target_heads // heads
-        t = t.unsqueeze(2).expand(-1, heads, rep, *t.shape[-2:]).reshape(t.shape[0], target_heads, *t.shape[-2:])
-    return t
+@dataclass(frozen=True)
+class _Layout:
+    """The views that bring one call signature into the canonical layout (sizes only, no tensors)."""
+
+    batch: Tuple[int, ...]
+    flat_batch: int
+    hq: int
+    hk: int
+    hv: int
+    hout: int
+    h: int
+    g: int
+    length: int
+    e: int
+    mask_rank_shape: Optional[Tuple[int, ...]]  # the mask with leading 1s up to the attention rank
+    mask_batch_is_one: bool
+    out_shape: Tuple[int, ...]
 
 
-def _normalize_mask(
-    mask: torch.Tensor, batch: Tuple[int, ...], hq: int, h: int, g: int, length: int, s: int
-) -> torch.Tensor:
-    """Bring a mask that broadcasts to ``(*batch, Hq, L, S)`` into ``(Bm, Hm, Gm, Lm, Sm)``."""
-    target = (*batch, hq, length, s)
+def _mask_rank_shape(mask: torch.Tensor, target: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The mask's shape padded to ``target``'s rank; RuntimeError naming attn_mask when it does not broadcast."""
     try:
         ok = tuple(torch.broadcast_shapes(tuple(mask.shape), target)) == target
     except RuntimeError:
@@ -169,37 +195,10 @@ def _normalize_mask(
             f"attention shape (*batch, heads, L, S) = {target}. Give it size-1 or full dims, e.g. (L, S), "
             f"(1, 1, L, S) or (B, 1, 1, S)."
         )
-    m = mask.reshape((1,) * (len(target) - mask.dim()) + tuple(mask.shape))
-    mb, mh, lm, sm = tuple(m.shape[: len(batch)]), m.shape[-3], m.shape[-2], m.shape[-1]
-    if all(d == 1 for d in mb):
-        m = m.reshape(1, mh, lm, sm)
-    else:
-        m = m.expand(*batch, mh, lm, sm).reshape(math.prod(batch), mh, lm, sm)
-    if mh == 1:
-        return m.unsqueeze(2)
-    return m.reshape(m.shape[0], h, g, lm, sm)
+    return (1,) * (len(target) - mask.dim()) + tuple(mask.shape)
 
 
-def build_problem(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    enable_gqa: bool = False,
-) -> AttentionProblem:
-    """Validate the shapes of an SDPA call and build its canonical view (see the module docstring).
-
-    Args:
-        query: ``(*batch, Hq, L, E)`` (or ``(L, E)``).
-        key: ``(*batch, H, S, E)``.
-        value: ``(*batch, H, S, Ev)``.
-        attn_mask: broadcastable to ``(*batch, Hq, L, S)``.
-
-    Returns:
-        The :class:`AttentionProblem`.
-    """
+def _compute_layout(query, key, value, attn_mask, enable_gqa: bool) -> _Layout:
     bq, hq = _split_heads(query)
     bk, hk = _split_heads(key)
     bv, hv = _split_heads(value)
@@ -221,18 +220,105 @@ def build_problem(
             h, g = 1, hq  # broadcast keys are GQA with one key/value head: no copy of k and v.
         else:
             h, g = hout, 1
-    q = query if query.dim() >= 3 else query.unsqueeze(0)
-    q = q.expand(*batch, hq, length, e).reshape(math.prod(batch), hq, length, e)
-    if hq != hout:
-        q = q.expand(q.shape[0], hout, length, e)
-    q = q.reshape(q.shape[0], h, g, length, e)
-    k = _expand_heads(key, batch, hk, h)
-    v = _expand_heads(value, batch, hv, h)
-    mask = None
+    mask_shape = None
     if attn_mask is not None:
-        mask = _normalize_mask(attn_mask, batch, hout, h, g, length, s)
-    if scale is None:
-        scale = 1.0 / math.sqrt(e) if e > 0 else 1.0
+        mask_shape = _mask_rank_shape(attn_mask, (*batch, hout, length, s))
     ndim = max(query.dim(), key.dim(), value.dim())
     out_shape = (*batch, hout, length, ev)[-ndim:] if ndim >= 3 else (length, ev)
-    return AttentionProblem(q, k, v, mask, bool(is_causal), float(scale), tuple(out_shape))
+    return _Layout(
+        batch=batch, flat_batch=math.prod(batch), hq=hq, hk=hk, hv=hv, hout=hout, h=h, g=g, length=length, e=e,
+        mask_rank_shape=mask_shape, mask_batch_is_one=mask_shape is None or all(d == 1 for d in mask_shape[:-3]),
+        out_shape=tuple(out_shape),
+    )
+
+
+def _expand_heads(t: torch.Tensor, lay: _Layout, heads: int) -> torch.Tensor:
+    """``(*b, h, N, E)`` -> ``(B, H, N, E)``; GQA head ``i`` reads head ``i // (H / h)``."""
+    t = t if t.dim() >= 3 else t.unsqueeze(0)
+    t = t.expand(*lay.batch, heads, *t.shape[-2:]).reshape(lay.flat_batch, heads, *t.shape[-2:])
+    if heads != lay.h:
+        rep = lay.h // heads
+        t = t.unsqueeze(2).expand(-1, heads, rep, *t.shape[-2:]).reshape(t.shape[0], lay.h, *t.shape[-2:])
+    return t
+
+
+def _canonical_query(query: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    q = query if query.dim() >= 3 else query.unsqueeze(0)
+    q = q.expand(*lay.batch, lay.hq, lay.length, lay.e).reshape(lay.flat_batch, lay.hq, lay.length, lay.e)
+    if lay.hq != lay.hout:
+        q = q.expand(q.shape[0], lay.hout, lay.length, lay.e)
+    return q.reshape(q.shape[0], lay.h, lay.g, lay.length, lay.e)
+
+
+def _canonical_mask(mask: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """A mask that broadcasts to ``(*batch, Hq, L, S)`` as ``(Bm, Hm, Gm, Lm, Sm)``."""
+    mh, lm, sm = lay.mask_rank_shape[-3:]
+    m = mask.reshape(lay.mask_rank_shape)
+    if lay.mask_batch_is_one:
+        m = m.reshape(1, mh, lm, sm)
+    else:
+        m = m.expand(*lay.batch, mh, lm, sm).reshape(lay.flat_batch, mh, lm, sm)
+    if mh == 1:
+        return m.unsqueeze(2)
+    return m.reshape(m.shape[0], lay.h, lay.g, lm, sm)
+
+
+def call_signature(query, key, value, attn_mask, is_causal: bool, enable_gqa: bool) -> Optional[Tuple[Hashable, ...]]:
+    """What a call's validation, layout and plan depend on besides budget and grad: shapes, dtypes, devices and
+    flags. None when an argument is not a tensor (such calls are never cached: validation names the problem)."""
+    try:
+        mask = None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device)
+        return (
+            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
+            query.device, key.device, value.device, mask, bool(is_causal), bool(enable_gqa),
+        )
+    except AttributeError:
+        return None
+
+
+_layouts: Dict[Hashable, _Layout] = {}
+
+
+def _layout(query, key, value, attn_mask, is_causal: bool, enable_gqa: bool, signature) -> _Layout:
+    """Validate and lay out a call; cached by :func:`call_signature` (a cached signature has passed validation)."""
+    lay = _layouts.get(signature) if signature is not None else None
+    if lay is None:
+        validate_arguments(query, key, value, attn_mask, is_causal, enable_gqa)
+        lay = _compute_layout(query, key, value, attn_mask, enable_gqa)
+        if signature is not None and not is_compiling():
+            if len(_layouts) >= _CACHE_SIZE:
+                _layouts.clear()
+            _layouts[signature] = lay
+    return lay
+
+
+def build_problem(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+    signature: Optional[Tuple[Hashable, ...]] = None,
+) -> AttentionProblem:
+    """Validate an SDPA call (as :func:`validate_arguments`, plus shapes) and build its canonical view.
+
+    Args:
+        query: ``(*batch, Hq, L, E)`` (or ``(L, E)``).
+        key: ``(*batch, H, S, E)``.
+        value: ``(*batch, H, S, Ev)``.
+        attn_mask: broadcastable to ``(*batch, Hq, L, S)``.
+        signature: the call's :func:`call_signature` when the caller has it already.
+
+    Returns:
+        The :class:`AttentionProblem`.
+
+    Raises:
+        RuntimeError (TypeError for non-tensors): what torch's SDPA rejects, naming the argument and the fix.
+    """
+    if signature is None and not is_compiling():
+        signature = call_signature(query, key, value, attn_mask, is_causal, enable_gqa)
+    lay = _layout(query, key, value, attn_mask, is_causal, enable_gqa, signature)
+    q = _canonical_query(query, lay)
+    k = _expand_heads(key, lay, lay.hk)
+    v = _expand_heads(value, lay, lay.hv)
+    mask = None if attn_mask is None else _canonical_mask(attn_mask, lay)
+    if scale is None:
+        scale = 1.0 / math.sqrt(lay.e) if lay.e > 0 else 1.0
+    return AttentionProblem(q, k, v, mask, bool(is_causal), float(scale), lay.out_shape)

@@ -1,14 +1,18 @@
 """Per-call records of what the attention did, for the ComfyUI nodes, the tests and anyone curious.
 
-Listeners subscribe with :func:`subscribe`; emitting costs nothing when nobody listens.
+Every attention call that goes through noflash's dispatcher (the public SDPA, the global patch and the ComfyUI
+override) is described by one :class:`CallRecord`. Listeners subscribe with :func:`subscribe`; emitting costs
+nothing when nobody listens, and nothing is emitted while ``torch.compile`` traces. The ComfyUI override hands the
+same record type to its per-model recorder.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 __all__ = ["CallRecord", "emit", "has_listeners", "subscribe"]
 
@@ -22,21 +26,55 @@ class CallRecord:
     """One attention call.
 
     Attributes:
-        tier: 0 when torch's own SDPA ran (fast path or below the threshold), else 1, 2 or 3.
-        block_m, block_n: block sizes (L and S for tier 0).
-        shape: query shape as passed.
-        dtype: query dtype name, e.g. ``"float16"``.
-        device: device string.
-        reason: why the plan was chosen.
+        path: ``"noflash"`` when noflash planned the call (tier 0: its plan handed the call to torch's math SDPA),
+            ``"torch"`` when the global patch passed it on to the original SDPA (key length below the threshold,
+            nested tensors), ``"comfy"`` when the ComfyUI override sent it on to ComfyUI's own attention.
+        tier: the tier that ran: 0 for torch's or ComfyUI's own attention, else 1, 2 or 3.
+        block_m, block_n: the block sizes that ran (L and S for tier 0; 0 when unknown).
+        batch, heads, q_len, kv_len, head_dim: the query ``(batch, heads, q_len, head_dim)`` (leading batch dims
+            multiplied together) and the key length.
+        dtype: the query dtype's torch name, e.g. ``"float16"``.
+        device: the device, e.g. ``"cuda:0"``.
+        reason: why the call took its path (the planner's reason, ``"below min_tokens"``, ...).
     """
 
+    path: str
     tier: int
     block_m: int
     block_n: int
-    shape: Tuple[int, ...]
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
     dtype: str
     device: str
     reason: str = ""
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """The query shape as ``(batch, heads, q_len, head_dim)``."""
+        return self.batch, self.heads, self.q_len, self.head_dim
+
+    @classmethod
+    def of_call(cls, path: str, tier: int, blocks: Tuple[int, int], query: Any, key: Any, reason: str) -> CallRecord:
+        """The record of a call on ``query (*batch, Hq, L, E)`` and ``key (..., S, E)``; sizes are read from the
+        shapes as passed (zeros for what a non-tensor lacks)."""
+        q, k = _shape(query), _shape(key)
+        return cls(
+            path=path, tier=int(tier), block_m=int(blocks[0]), block_n=int(blocks[1]),
+            batch=math.prod(q[:-3]) if q else 0, heads=(q[-3] if len(q) >= 3 else 1) if q else 0,
+            q_len=q[-2] if len(q) >= 2 else 0, kv_len=k[-2] if len(k) >= 2 else 0, head_dim=q[-1] if q else 0,
+            dtype=str(getattr(query, "dtype", "")).replace("torch.", ""), device=str(getattr(query, "device", "")),
+            reason=reason,
+        )
+
+
+def _shape(t: Any) -> Tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in t.shape)
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # not a tensor, or a jagged nested tensor
+        return ()
 
 
 def subscribe(callback: Callable[[CallRecord], None]) -> Callable[[], None]:

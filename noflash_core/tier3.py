@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .problem import AttentionProblem
+from .problem import AttentionProblem, tier3_grad_error
 from .tiles import DropoutSpec, TileMath, apply_tile_masks, causal_tile_state, dropout_keep_scale, head_index, mask_tile
 
 __all__ = ["tier3_forward"]
@@ -35,10 +35,7 @@ def tier3_forward(
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (problem.query, problem.key, problem.value)):
-        raise RuntimeError(
-            "noflash tier 3 is inference-only and cannot run backward. Use tier=1, tier=2 or tier='auto' for "
-            "inputs that require grad, or wrap the call in torch.no_grad()."
-        )
+        raise tier3_grad_error()
     q, k, v = problem.query, problem.key, problem.value
     b, h, g, length, s, e, ev = problem.dims
     tm = TileMath.for_inputs(q, k, v)

@@ -11,10 +11,11 @@ import torch
 
 from noflash_core.bench import BenchConfig, BenchResult, run_bench
 from noflash_core.bench.__main__ import main
-from noflash_core.bench.config import parse_bytes, parse_dtype, parse_sizes
+from noflash_core.bench.config import parse_sizes
 from noflash_core.bench.plots import matplotlib_available
 from noflash_core.bench.progress import ProgressBar
-from noflash_core.bench.report import format_bytes, format_ms, render_markdown
+from noflash_core.bench.report import format_ms, render_markdown
+from noflash_core.units import format_bytes, parse_bytes, parse_dtype
 
 ALL = "math,torch,noflash-t1,noflash-t2,noflash-t3,noflash-auto"
 
@@ -32,8 +33,8 @@ def test_parsers():
 
 def test_formatting():
     assert format_ms(491.2) == "491 ms" and format_ms(2503) == "2.50 s" and format_ms(3.14159) == "3.14 ms"
-    assert format_bytes(520 * 2**20) == "520 MiB" and format_bytes(2 * 2**30) == "2.0 GiB"
-    assert format_ms(None) == format_bytes(None) == "—"
+    assert format_bytes(520 * 2**20) == "520 MiB" and format_bytes(2 * 2**30) == "2.00 GiB"
+    assert format_ms(None) == "—" and format_bytes(None) == "n/a"
 
 
 def test_progress_bar_renders_and_logs():
@@ -68,6 +69,13 @@ def test_cli_end_to_end(tmp_path, capsys):
             assert (out / name).stat().st_size > 1000
     result = BenchResult.from_dict(data)
     assert result.cell("math", "fwd", 128).status == "ok"
+
+
+def test_overhead_times_the_decode_fast_path_against_math(capsys):
+    assert main(["--overhead", "--repeats", "10", "--device", "cpu", "--dtype", "fp32"]) == 0
+    text = capsys.readouterr().out
+    assert "q (1, 16, 1, 64), k/v (1, 16, 512, 64) float32 on cpu" in text
+    assert "torch math SDPA" in text and "noflash (tier 0)" in text and "median paired difference" in text
 
 
 def test_memory_cap_skips_quadratic_cells_and_notes_why():

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from noflash_core.comfy.override import (
-    AttentionCall,
     OverrideConfig,
     is_noflash_override,
     make_attention_override,
@@ -25,6 +24,7 @@ from noflash_core.comfy.override import (
     rebuild_override,
 )
 from noflash_core.memory.tracker import LiveBytesTracker
+from noflash_core.telemetry import CallRecord
 
 TORCH_SDPA = F.scaled_dot_product_attention
 
@@ -345,11 +345,11 @@ def test_recorder_gets_one_record_per_call():
     ov(_func_must_not_run, *_qkv(n_q=64, n_k=96), heads=3, _inside_attn_wrapper=True)
     assert [r.path for r in records] == ["comfy", "noflash"]
     small, big = records
-    assert isinstance(small, AttentionCall)
+    assert isinstance(small, CallRecord)
     assert (small.tier, small.reason) == (0, "below min_tokens")
     assert (big.tier, big.block_m, big.block_n) == (2, 16, 32)
     assert (big.batch, big.heads, big.q_len, big.kv_len, big.head_dim) == (2, 3, 64, 96, 16)
-    assert big.dtype == "torch.float32" and big.device == "cpu"
+    assert big.dtype == "float32" and big.device == "cpu"
 
 
 def test_config_validation():

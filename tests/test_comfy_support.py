@@ -12,18 +12,19 @@ import pytest
 import torch
 
 from noflash_core.comfy.families import family_for_comfy_model
-from noflash_core.comfy.override import AttentionCall
-from noflash_core.comfy.probe import dtype_key, format_last_run, probe_text
+from noflash_core.comfy.probe import format_last_run, probe_text
 from noflash_core.comfy.startup import pack_version, run_startup
-from noflash_core.comfy.telemetry import RunHistory, RunMonitor, format_bytes, read_peak_memory
+from noflash_core.comfy.telemetry import RunHistory, RunMonitor, read_peak_memory
+from noflash_core.telemetry import CallRecord
+from noflash_core.units import dtype_name, format_bytes
 from noflash_core.video.families import family_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _call(path="noflash", tier=2, q_len=4096, kv_len=4096):
-    return AttentionCall(path=path, tier=tier, block_m=128, block_n=256, batch=1, heads=2, q_len=q_len,
-                         kv_len=kv_len, head_dim=64, dtype="torch.float16", device="cpu", reason="test")
+    return CallRecord(path=path, tier=tier, block_m=128, block_n=256, batch=1, heads=2, q_len=q_len,
+                      kv_len=kv_len, head_dim=64, dtype="float16", device="cpu", reason="test")
 
 
 class _Clock:
@@ -111,7 +112,7 @@ def test_probe_text_has_device_estimate_and_last_run():
             "peak_bytes": 9 * 2**30, "peak_source": "torch.cuda.max_memory_allocated"}
     text = probe_text(REPORT, "ESTIMATE BLOCK", last)
     assert "AMD Radeon RX 6800 (AMD, arch gfx1030)" in text
-    assert "VRAM: 15.00 GiB free of 16.00 GiB" in text
+    assert "VRAM: 15.0 GiB free of 16.0 GiB" in text
     assert "Efficient SDPA kernel: no" in text and "backends that run: math" in text
     assert "Global SDPA patch would activate: yes" in text
     assert "ESTIMATE BLOCK" in text
@@ -126,9 +127,9 @@ def test_probe_text_without_estimate_or_run():
         == "Last run peak memory: not tracked on CPU"
 
 
-def test_dtype_key():
-    assert dtype_key(torch.bfloat16) == "bf16" and dtype_key(torch.float32) == "fp32"
-    assert dtype_key(torch.float16) == "fp16"
+def test_dtype_name():
+    assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.float32) == "fp32"
+    assert dtype_name(torch.float16) == "fp16" and dtype_name(torch.float64) == "fp64"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ Examples::
     python -m noflash_core.bench --quick
     python -m noflash_core.bench --sizes 2048,4096 --threads 2 --out bench/out/focus
     python -m noflash_core.bench --comfy /path/to/ComfyUI --dtype fp16 --device cuda
+    python -m noflash_core.bench --overhead --threads 1
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import shlex
 import sys
 from typing import List, Optional
 
-from .config import ALL_IMPLS, DEFAULT_SIZES, QUICK_SIZES, BenchConfig, parse_bytes, parse_dtype, parse_sizes
+import torch
+
+from ..device import resolve_device
+from ..units import parse_bytes, parse_dtype
+from .config import ALL_IMPLS, DEFAULT_SIZES, QUICK_SIZES, BenchConfig, parse_sizes
 from .plots import write_plots
 from .report import render_markdown, write_json, write_markdown
 from .suite import run_bench
@@ -61,8 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy comparison")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead of the table: per-call time of noflash vs torch's math SDPA on a decode-sized call "
+        "(L=1; S=512 or each of --sizes), alternating calls (--repeats of each, default 2000)",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     return p
+
+
+def _run_overhead(args: argparse.Namespace) -> int:
+    from .overhead import measure_overhead
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device or None)
+    dtype = args.dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    for kv_len in args.sizes or [512]:
+        result = measure_overhead(
+            q_len=1, kv_len=kv_len, batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=dtype,
+            device=device, calls=args.repeats or 2000, seed=args.seed,
+        )
+        sys.stdout.write(result.to_text() + "\n")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -102,6 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    if args.overhead:
+        return _run_overhead(args)
     cfg = config_from_args(args)
     command = "python -m noflash_core.bench " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

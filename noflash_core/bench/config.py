@@ -1,20 +1,19 @@
-"""Benchmark settings, defaults per device, and parsing of the CLI's size and dtype strings."""
+"""Benchmark settings, defaults per device, and parsing of the CLI's list of sizes."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from ..device import resolve_device
 
 __all__ = [
     "ALL_IMPLS",
     "BenchConfig",
     "DEFAULT_SIZES",
     "QUICK_SIZES",
-    "parse_bytes",
-    "parse_dtype",
     "parse_sizes",
 ]
 
@@ -32,60 +31,6 @@ ALL_IMPLS: Tuple[str, ...] = (
     "comfy-subquad",
     "comfy-split",
 )
-
-_DTYPES: Dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-}
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_bytes(text: str) -> int:
-    """``"16GiB"``, ``"512MB"``, ``"1.5g"`` or ``"1024"`` -> bytes.
-
-    Raises:
-        ValueError: not a size.
-    """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a byte size: {text!r} (examples: 16GiB, 512MiB, 8GB, 1024)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """``"fp16"``, ``"bf16"``, ``"fp32"``, ``"fp64"`` (or the torch names) -> dtype.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    try:
-        return _DTYPES[text.strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {text!r}; use one of fp16, bf16, fp32, fp64") from None
-
 
 def parse_sizes(text: str) -> List[int]:
     """``"256,512,1k,2048"`` -> ``[256, 512, 1024, 2048]`` (``k`` means ×1024).
@@ -156,18 +101,8 @@ class BenchConfig:
     contention_retries: int = 4
 
     def resolved_device(self) -> torch.device:
-        """The device to run on."""
-        if self.device:
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        xpu = getattr(torch, "xpu", None)
-        if xpu is not None and xpu.is_available():
-            return torch.device("xpu")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        """The device to run on (see :func:`noflash_core.device.resolve_device`)."""
+        return resolve_device(self.device or None)
 
     def resolved_dtype(self) -> torch.dtype:
         """The input dtype (fp32 on CPU, fp16 elsewhere, unless set)."""

@@ -1,4 +1,6 @@
-"""Device helpers for the benchmark: synchronisation, peak memory, free memory, a machine description."""
+"""Device helpers for the benchmark: synchronisation, peak memory and a machine description.
+
+What the device is (name, arch, memory, fused kernels) comes from :func:`noflash_core.device.device_profile`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "describe_machine", "free_memory_bytes", "load_average", "synchronize"]
+from ..device import device_profile
+
+__all__ = ["PeakMemory", "describe_machine", "load_average", "synchronize"]
 
 # Devices whose caching allocator keeps a peak counter we can reset.
 _ALLOCATOR_PEAK = ("cuda", "xpu")
@@ -68,13 +72,6 @@ class PeakMemory:
             self.peak_bytes = int(self._tracker.peak_bytes)
 
 
-def free_memory_bytes(device: torch.device) -> Optional[int]:
-    """Free memory of ``device`` in bytes (``None`` when unknown), as noflash's budget sees it."""
-    from ..device import free_memory_bytes as _free
-
-    return _free(device)
-
-
 def load_average() -> Optional[float]:
     """The 1-minute load average (None where the OS has none). Above the core count, CPU timings are unreliable."""
     try:
@@ -106,17 +103,14 @@ def describe_machine(device: torch.device) -> Dict[str, object]:
         "platform": platform.platform(),
         "load_at_start": load_average(),
     }
+    if device.type != "cpu":
+        profile = device_profile(device)
+        info["gpu"] = profile.description
+        info["gpu_total_bytes"] = profile.total_bytes
+        if profile.arch:
+            info["gpu_arch"] = profile.arch
+        info["fused_sdpa"] = profile.efficient_sdpa
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_total_bytes"] = int(props.total_memory)
-        arch = getattr(props, "gcnArchName", None)
-        if arch:
-            info["gpu_arch"] = arch
         info["hip"] = getattr(torch.version, "hip", None)
         info["cuda"] = torch.version.cuda
-    elif device.type in ("xpu", "mps"):
-        backend = _backend(device)
-        name = getattr(backend, "get_device_name", None)
-        info["gpu"] = name(device) if callable(name) and device.type == "xpu" else device.type
     return info

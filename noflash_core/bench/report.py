@@ -7,10 +7,10 @@ import math
 import os
 from typing import List, Optional, Sequence
 
-from ..units import format_bytes as _format_bytes
+from ..units import format_bytes
 from .suite import BenchResult, CellResult
 
-__all__ = ["format_bytes", "format_ms", "render_markdown", "write_json", "write_markdown"]
+__all__ = ["format_ms", "render_markdown", "write_json", "write_markdown"]
 
 _MODES = {"fwd": "Forward", "fwd+bwd": "Forward + backward"}
 
@@ -26,11 +26,6 @@ def format_ms(ms: Optional[float]) -> str:
     if ms >= 10:
         return f"{ms:.1f} ms"
     return f"{ms:.2f} ms"
-
-
-def format_bytes(n: Optional[int]) -> str:
-    """Bytes in binary units: ``"520 MiB"``, ``"2.0 GiB"``; None is ``"—"``."""
-    return _format_bytes(n)
 
 
 def _cell_text(cell: Optional[CellResult]) -> str:

@@ -10,13 +10,10 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "Implementation",
-    "build_implementations",
-    "fused_sdpa_available",
-    "math_sdpa",
-    "torch_default_sdpa",
-]
+from ..device import device_profile
+from ..sdpa import math_sdpa
+
+__all__ = ["Implementation", "build_implementations", "torch_default_sdpa"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +40,6 @@ class Implementation:
     label: str
 
 
-def math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v)
-
-
 def torch_default_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -58,26 +48,6 @@ def _noflash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tier) -> torc
     from ..sdpa import scaled_dot_product_attention
 
     return scaled_dot_product_attention(q, k, v, tier=tier)
-
-
-@functools.cache
-def fused_sdpa_available(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether torch has a fused (flash / memory-efficient / cuDNN) SDPA kernel for this device and dtype.
-
-    Where it has none, torch's default SDPA is the math backend, with O(N²) memory.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
-        fused.append(SDPBackend.CUDNN_ATTENTION)
-    try:
-        x = torch.zeros(1, 1, 16, head_dim, device=device_type, dtype=dtype)
-        with sdpa_kernel(fused):
-            F.scaled_dot_product_attention(x, x, x)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 def _noflash_available() -> Optional[str]:
@@ -92,8 +62,6 @@ def _noflash_available() -> Optional[str]:
 def build_implementations(
     names: Iterable[str],
     device: torch.device,
-    dtype: torch.dtype,
-    head_dim: int,
     comfy_path: Optional[str] = None,
 ) -> Tuple[Dict[str, Implementation], Dict[str, str]]:
     """Resolve implementation names to callables.
@@ -104,7 +72,7 @@ def build_implementations(
     available: Dict[str, Implementation] = {}
     missing: Dict[str, str] = {}
     names = list(names)
-    fused = fused_sdpa_available(device.type, dtype, head_dim)
+    fused = device_profile(device).efficient_sdpa
     noflash_reason = _noflash_available() if any(n.startswith("noflash") for n in names) else None
     comfy_fns: Dict[str, AttentionFn] = {}
     comfy_reason: Optional[str] = None

@@ -11,11 +11,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..device import device_profile
 from .config import BenchConfig
-from .device import describe_machine, free_memory_bytes, load_average
+from .device import describe_machine, load_average
 from .measure import finish, first_call, make_inputs, timed_call_with_cpu
 from .progress import ProgressBar
-from .runners import Implementation, build_implementations, fused_sdpa_available, torch_default_sdpa
+from .runners import Implementation, build_implementations, torch_default_sdpa
 
 __all__ = ["BenchResult", "CellResult", "run_bench"]
 
@@ -142,7 +143,7 @@ def _reference(inputs, impls: Dict[str, Implementation], skipper: _Skipper, n: i
             "torch",
             torch_default_sdpa,
             True,
-            not fused_sdpa_available(inputs.q.device.type, inputs.q.dtype, inputs.q.shape[-1]),
+            not device_profile(inputs.q.device).efficient_sdpa,
             "",
         )
     if ref_impl.quadratic and skipper.mem_cap is not None and skipper.quadratic_bytes(n, False) > skipper.mem_cap:
@@ -167,12 +168,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
 def _run(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, progress: bool) -> BenchResult:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.monotonic()
-    impls, missing = build_implementations(cfg.impls, device, dtype, cfg.head_dim, cfg.comfy_path)
+    impls, missing = build_implementations(cfg.impls, device, cfg.comfy_path)
     for name, why in missing.items():
         logger.info("%s not run: %s", name, why)
     mem_cap = cfg.mem_cap_bytes
     if mem_cap is None:
-        free = free_memory_bytes(device)
+        free = device_profile(device).free_memory()
         mem_cap = free // 2 if free else None
     skipper = _Skipper(cfg, mem_cap, dtype)
     machine = describe_machine(device)

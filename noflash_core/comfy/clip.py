@@ -40,7 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .override import AttentionCall, OverrideConfig, make_attention_override
+from ..telemetry import CallRecord
+from .override import OverrideConfig, make_attention_override
 
 __all__ = ["ATTENTION_ARG", "EncodeRouter", "RouteStats", "attention_module_names", "route_attention"]
 
@@ -69,7 +70,7 @@ class RouteStats:
     tiers: Dict[int, int] = field(default_factory=dict)
     max_q_len: int = 0
 
-    def record(self, call: AttentionCall) -> None:
+    def record(self, call: CallRecord) -> None:
         self.calls[call.path] = self.calls.get(call.path, 0) + 1
         if call.path == "noflash":
             self.tiers[call.tier] = self.tiers.get(call.tier, 0) + 1
@@ -127,19 +128,13 @@ def _basic_bool_mask(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Di
     return args[:4] + (mask,) + args[5:], kwargs
 
 
-def route_attention(
-    config: OverrideConfig,
-    stats: Optional[RouteStats] = None,
-    attention: Optional[Callable[..., torch.Tensor]] = None,
-) -> Callable[[Callable], Callable]:
+def route_attention(config: OverrideConfig, stats: Optional[RouteStats] = None) -> Callable[[Callable], Callable]:
     """``route(func)`` → a drop-in for ComfyUI's attention function ``func`` that runs noflash's tiles.
 
     Calls the override does not compute (below ``config.min_tokens``, disabled, or a form it does not know) go
-    to ``func`` itself. Routing a routed function returns it unchanged. ``attention`` replaces
-    :func:`noflash_core.scaled_dot_product_attention` (tests use a float64 reference).
+    to ``func`` itself. Routing a routed function returns it unchanged.
     """
-    override = make_attention_override(config, recorder=stats.record if stats is not None else None,
-                                       attention=attention)
+    override = make_attention_override(config, recorder=stats.record if stats is not None else None)
 
     def route(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if getattr(func, "noflash_routed", False):
@@ -181,7 +176,8 @@ class EncodeRouter:
         root: the text-encoder module (``cond_stage_model``) whose attention modules are routed.
         config: what the routed attention does (``min_tokens``, ``budget_bytes``, ``enabled``, tier, blocks).
         stats: where calls are counted (a fresh :class:`RouteStats` when None).
-        attention: the SDPA to run (default :func:`noflash_core.scaled_dot_product_attention`).
+        route: ``route(func)`` → what runs instead of ComfyUI's attention function ``func``; default
+            :func:`route_attention` with ``config`` (tests pass a float64 reference).
     """
 
     def __init__(
@@ -190,13 +186,13 @@ class EncodeRouter:
         root: torch.nn.Module,
         config: OverrideConfig,
         stats: Optional[RouteStats] = None,
-        attention: Optional[Callable[..., torch.Tensor]] = None,
+        route: Optional[Callable[[Callable], Callable]] = None,
     ) -> None:
         self.encode = encode
         self.root = root
         self.config = config
         self.stats = RouteStats() if stats is None else stats
-        self._route = route_attention(config, self.stats, attention)
+        self._route = route_attention(config, self.stats) if route is None else route
 
     def _install(self) -> List[Tuple[torch.nn.Module, Any]]:
         installed = []

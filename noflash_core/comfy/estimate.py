@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Tuple
 
+from ..units import format_bytes
 from .probe import format_device, format_last_run
-from .telemetry import format_bytes
 
 __all__ = ["ENCODER_ATTRIBUTES", "TEXT_ENCODER_CHOICES", "encoders_from_clip", "probe_text"]
 

@@ -7,7 +7,9 @@ ComfyUI's own (undecorated) implementation and ``kwargs`` already carries ``_ins
 
 :func:`make_attention_override` builds such an override. It never imports ComfyUI: the node glue in ``nodes/``
 stores the returned function in a ``ModelPatcher`` clone's ``transformer_options``. ``clone()`` deep-copies the
-options but keeps plain functions, so all state lives in the closure (config, chained override, recorder).
+options but keeps plain functions, so all state lives in the closure (config, chained override, recorder). The
+calls it computes go through noflash's one dispatch path (``sdpa._attention``), which returns the plan that ran;
+the recorder's record is made from that plan.
 
 Call forms (``b`` batch, ``h`` heads, ``d``/``dv`` head dims, ``n_q``/``n_k`` token counts):
     - q ``(b, n_q, h*d)``, k ``(b, n_k, h*d)``, v ``(b, n_k, h*dv)``; or ``(b, h, n, d)`` when ``skip_reshape``.
@@ -33,8 +35,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ..telemetry import CallRecord
+
 __all__ = [
-    "AttentionCall",
     "OverrideConfig",
     "make_attention_override",
     "is_noflash_override",
@@ -48,7 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Override = Callable[..., torch.Tensor]
-Recorder = Callable[["AttentionCall"], None]
+Recorder = Callable[[CallRecord], None]
 
 # ComfyUI's attention signature after (q, k, v): the order in which positional arguments bind.
 _PARAM_ORDER = ("heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
@@ -90,36 +93,6 @@ class OverrideConfig:
 
 
 @dataclass(frozen=True)
-class AttentionCall:
-    """One call seen by the override, for telemetry.
-
-    Attributes:
-        path: ``"noflash"`` (computed by the tiles), or ``"comfy"`` (sent on to ComfyUI's ``func`` or to the
-            override chained before ours).
-        tier: the tier that ran; 0 when torch's own SDPA or ComfyUI computed it.
-        block_m: query block size used (0 when unknown or not tiled).
-        block_n: key block size used (0 when unknown or not tiled).
-        batch, heads, q_len, kv_len, head_dim: the problem, in ``(b, h, n, d)`` terms.
-        dtype: q's dtype, e.g. ``"torch.float16"``.
-        device: q's device, e.g. ``"cuda:0"``.
-        reason: why the call took its path: ``"below min_tokens"``, ``"disabled"``, or the planner's reason.
-    """
-
-    path: str
-    tier: int
-    block_m: int
-    block_n: int
-    batch: int
-    heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-    dtype: str
-    device: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class _Call:
     """A ComfyUI attention call bound to names."""
 
@@ -152,7 +125,7 @@ def _bind_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> _Call:
     )
 
 
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+def _unflatten_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """``(b, n, h*d)`` → ``(b, h, n, d)`` (a view where strides allow).
 
     A tensor with more dims, such as SD3's value ``(b, n, h, d)``, is first flattened to ``(b, n, h*d)``: ComfyUI's
@@ -176,7 +149,7 @@ def _to_bhnd(call: _Call) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Te
     widths = [q.shape[-1]] + [t.shape[2:].numel() for t in (k, v)]
     if any(w % heads for w in widths) or q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
         return None
-    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    return _unflatten_heads(q, heads), _unflatten_heads(k, heads), _unflatten_heads(v, heads)
 
 
 def normalize_comfy_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -207,30 +180,6 @@ def _merge_heads(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
-def _default_attention() -> Callable[..., torch.Tensor]:
-    from ..sdpa import scaled_dot_product_attention
-
-    return scaled_dot_product_attention
-
-
-def _describe(q: torch.Tensor, k: torch.Tensor, path: str, tier: int, blocks: Tuple[int, int], reason: str):
-    b, h, n_q, d = q.shape
-    return AttentionCall(
-        path=path,
-        tier=tier,
-        block_m=blocks[0],
-        block_n=blocks[1],
-        batch=b,
-        heads=h,
-        q_len=n_q,
-        kv_len=k.shape[-2],
-        head_dim=d,
-        dtype=str(q.dtype),
-        device=str(q.device),
-        reason=reason,
-    )
-
-
 _warned_forms: set = set()
 
 
@@ -250,57 +199,12 @@ def _warn_unknown_form(call: _Call) -> None:
         )
 
 
-def _describe_unknown(call: _Call) -> AttentionCall:
-    q, k = _shape_of(call.q), _shape_of(call.k)
-    return AttentionCall(
-        path="comfy", tier=0, block_m=0, block_n=0, batch=q[0] if q else 0, heads=call.heads or 0,
-        q_len=q[-2] if len(q) >= 2 else 0, kv_len=k[-2] if len(k) >= 2 else 0, head_dim=0,
-        dtype=str(getattr(call.q, "dtype", "")), device=str(getattr(call.q, "device", "")),
-        reason="call form not understood",
-    )
+def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, config: OverrideConfig):
+    """The dispatcher on ``(b, h, n, d)`` tensors: ``(output, plan that ran)``."""
+    from ..sdpa import _attention
 
-
-class _TierCapture:
-    """Collects the tier and blocks the tiled SDPA reports through ``noflash_core.telemetry`` during one call."""
-
-    def __init__(self) -> None:
-        self.tier = 0
-        self.blocks = (0, 0)
-        self.reason = ""
-        self.seen = False
-
-    def __call__(self, record: Any) -> None:
-        self.tier = int(getattr(record, "tier", 0))
-        self.blocks = (int(getattr(record, "block_m", 0) or 0), int(getattr(record, "block_n", 0) or 0))
-        self.reason = str(getattr(record, "reason", "") or "")
-        self.seen = True
-
-
-def _run_tiled(
-    attention: Callable[..., torch.Tensor], q, k, v, mask, config: OverrideConfig
-) -> Tuple[torch.Tensor, _TierCapture]:
-    """Run the tiled SDPA on ``(b, h, n, d)`` tensors; returns the output and what the planner reported."""
-    from .. import telemetry
-
-    capture = _TierCapture()
-    unsubscribe = telemetry.subscribe(capture)
-    try:
-        out = attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            tier=config.tier,
-            block_m=config.block_m,
-            block_n=config.block_n,
-            budget_bytes=config.budget_bytes,
-        )
-    finally:
-        unsubscribe()
-    if not capture.seen and config.tier != "auto":
-        capture.tier = int(config.tier)
-        capture.blocks = (config.block_m or 0, config.block_n or 0)
-    return out, capture
+    return _attention(q, k, v, mask, tier=config.tier, block_m=config.block_m, block_n=config.block_n,
+                      budget_bytes=config.budget_bytes)
 
 
 def make_attention_override(
@@ -308,7 +212,6 @@ def make_attention_override(
     *,
     previous: Optional[Override] = None,
     recorder: Optional[Recorder] = None,
-    attention: Optional[Callable[..., torch.Tensor]] = None,
 ) -> Override:
     """Build an ``optimized_attention_override`` for ComfyUI.
 
@@ -316,15 +219,14 @@ def make_attention_override(
         config: what to do with calls (see :class:`OverrideConfig`); defaults to ``OverrideConfig()``.
         previous: an override another pack installed before; calls we do not compute go to
             ``previous(func, *args, **kwargs)`` instead of ``func(*args, **kwargs)``.
-        recorder: called with an :class:`AttentionCall` after every call (telemetry).
-        attention: the tiled SDPA to use; defaults to :func:`noflash_core.scaled_dot_product_attention`.
+        recorder: called with a :class:`~noflash_core.telemetry.CallRecord` after every call; for calls the
+            tiles computed, the tier and blocks are the plan the dispatcher returned.
 
     Returns:
         ``override(func, *args, **kwargs) -> Tensor``. It carries ``noflash_config``, ``noflash_previous`` and
         ``noflash_recorder`` attributes so a later node can rebuild it (:func:`rebuild_override`).
     """
     config = OverrideConfig() if config is None else config
-    attention = _default_attention() if attention is None else attention
 
     def send_on(func: Callable[..., torch.Tensor], args, kwargs) -> torch.Tensor:
         # kwargs still holds _inside_attn_wrapper=True from ComfyUI's wrapper: pass it on unchanged.
@@ -332,9 +234,9 @@ def make_attention_override(
             return previous(func, *args, **kwargs)
         return func(*args, **kwargs)
 
-    def record(call: AttentionCall) -> None:
+    def record(path: str, tier: int, blocks: Tuple[int, int], q, k, reason: str) -> None:
         if recorder is not None:
-            recorder(call)
+            recorder(CallRecord.of_call(path, tier, blocks, q, k, reason))
 
     def noflash_attention_override(func: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         call = _bind_call(args, kwargs)
@@ -342,7 +244,7 @@ def make_attention_override(
         if qkv is None:
             _warn_unknown_form(call)
             out = send_on(func, args, kwargs)
-            record(_describe_unknown(call))
+            record("comfy", 0, (0, 0), call.q, call.k, "call form not understood")
             return out
         q, k, v = qkv
         reason = ""
@@ -352,20 +254,19 @@ def make_attention_override(
             reason = "below min_tokens"
         if reason:
             out = send_on(func, args, kwargs)
-            record(_describe(q, k, "comfy", 0, (0, 0), reason))
+            record("comfy", 0, (0, 0), q, k, reason)
             return out
         mask = normalize_comfy_mask(call.mask, q.dtype)
-        out, ran = _run_tiled(attention, q, k, v, mask, config)
-        out = out.to(q.dtype)
+        out, plan = _dispatch(q, k, v, mask, config)
+        out = out.to(q.dtype)  # under autocast the dispatcher computes in the autocast dtype
         if not call.skip_output_reshape:
             out = _merge_heads(out)
-        record(_describe(q, k, "noflash", ran.tier, ran.blocks, ran.reason or "noflash"))
+        record("noflash", plan.tier, (plan.block_m, plan.block_n), q, k, plan.reason)
         return out
 
     noflash_attention_override.noflash_config = config
     noflash_attention_override.noflash_previous = previous
     noflash_attention_override.noflash_recorder = recorder
-    noflash_attention_override.noflash_attention = attention
     return noflash_attention_override
 
 
@@ -395,5 +296,5 @@ def rebuild_override(fn: Override, **changes: Any) -> Override:
         raise ValueError("rebuild_override needs an override made by make_attention_override")
     config = dataclasses.replace(fn.noflash_config, **changes)
     return make_attention_override(
-        config, previous=fn.noflash_previous, recorder=fn.noflash_recorder, attention=fn.noflash_attention
+        config, previous=fn.noflash_previous, recorder=fn.noflash_recorder
     )

@@ -8,19 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
 
-from .telemetry import format_bytes
+from ..units import format_bytes
 
-__all__ = ["dtype_key", "format_device", "format_last_run", "probe_text"]
-
-
-def dtype_key(dtype: Any) -> str:
-    """``torch.float16`` → ``"fp16"`` (also ``bf16``, ``fp32``); anything else → ``"fp16"``."""
-    name = str(dtype)
-    if "bfloat16" in name:
-        return "bf16"
-    if "float32" in name:
-        return "fp32"
-    return "fp16"
+__all__ = ["format_device", "format_last_run", "probe_text"]
 
 
 def format_device(report: Mapping[str, Any]) -> List[str]:

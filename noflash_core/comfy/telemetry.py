@@ -1,6 +1,6 @@
 """Per-run telemetry for the ComfyUI nodes: tier mix, call count and peak memory of each sampling run.
 
-A :class:`RunMonitor` receives every :class:`~noflash_core.comfy.override.AttentionCall` of one patched model. The
+A :class:`RunMonitor` receives every :class:`~noflash_core.telemetry.CallRecord` of one patched model. The
 node glue calls :meth:`RunMonitor.start` when a sampling run begins (ModelPatcher ``ON_PRE_RUN``) and
 :meth:`RunMonitor.finish` when it ends (``ON_CLEANUP``). The monitor publishes a JSON-ready status dict through a
 ``publish`` callable: throttled while the run goes, and once at its end. Finished runs go into a shared
@@ -22,8 +22,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 
-from ..units import format_bytes as _format_bytes
-from .override import AttentionCall
+from ..telemetry import CallRecord
 
 __all__ = [
     "RunHistory",
@@ -31,7 +30,6 @@ __all__ = [
     "default_history",
     "reset_peak_memory",
     "read_peak_memory",
-    "format_bytes",
     "STATUS_EVENT",
 ]
 
@@ -56,11 +54,6 @@ def read_peak_memory(device: torch.device) -> Tuple[Optional[int], str]:
     if device.type == "mps" and torch.backends.mps.is_available():
         return int(torch.mps.current_allocated_memory()), "torch.mps.current_allocated_memory (sampled)"
     return None, f"not tracked on {device.type.upper()}"
-
-
-def format_bytes(n: Optional[int]) -> str:
-    """``1536 * 2**20`` → ``"1.50 GiB"``; None → ``"n/a"``."""
-    return _format_bytes(n, decimals=2, missing="n/a")
 
 
 class RunHistory:
@@ -167,7 +160,7 @@ class RunMonitor:
             reset_peak_memory(self._device)
         self._emit(force=True)
 
-    def record(self, call: AttentionCall) -> None:
+    def record(self, call: CallRecord) -> None:
         """Count one attention call (starts a run if none is going)."""
         if not self._running:
             self.start(torch.device(call.device))

@@ -25,8 +25,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..telemetry import CallRecord
 from .clip import RouteStats
-from .override import AttentionCall, OverrideConfig
+from .override import OverrideConfig
 
 __all__ = ["VAE_ATTENTION_ATTR", "VAEAttention", "vae_attention_names"]
 
@@ -86,8 +87,8 @@ class VAEAttention:
 
     def _record(self, path: str, tier: int, blocks, q: torch.Tensor, n: int, reason: str) -> None:
         b, c = q.shape[0], q.shape[1]
-        self.stats.record(AttentionCall(path, tier, blocks[0], blocks[1], b, 1, n, n, c, str(q.dtype),
-                                        str(q.device), reason))
+        self.stats.record(CallRecord(path, tier, blocks[0], blocks[1], b, 1, n, n, c,
+                                     str(q.dtype).replace("torch.", ""), str(q.device), reason))
 
     def _block_m(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[int]:
         """The query block: the planner's, halved until it is not all of ``N`` (see the module docstring)."""

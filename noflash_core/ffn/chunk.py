@@ -43,6 +43,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..tracing import is_compiling
 from .detect import FFNInfo, estimate_ffn_info
 
 __all__ = ["ChunkedForward", "chunked_forward", "resolve_num_chunks", "ENV_CHUNKS", "VERIFY_TOKENS"]
@@ -56,8 +57,6 @@ VERIFY_TOKENS = 256
 """Tokens of the real input used to verify token-locality (three chunks: 16, a multiple of 16, the rest)."""
 
 _BUDGET_FRACTION = 0.5  # of the working-memory budget given to one chunk's FFN intermediates
-
-_OutOfMemoryError: type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 def resolve_num_chunks(num_chunks: int = 0) -> int:
@@ -152,7 +151,7 @@ class ChunkedForward:
         if self.passthrough or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             return self.original(*args, **kwargs)
         x = args[0]
-        if x.dim() < 2 or _is_compiling() or self._is_stochastic():
+        if x.dim() < 2 or is_compiling() or self._is_stochastic():
             return self.original(x)
         dim = x.dim() - 2
         n_tokens = x.shape[dim]
@@ -235,7 +234,7 @@ class ChunkedForward:
                 got = torch.cat(pieces, dim)
                 del pieces
                 return _compare(got, ref, self.info, length)
-        except _OutOfMemoryError:
+        except torch.OutOfMemoryError:
             raise  # not evidence against chunking; the unchunked call would need more memory still
         except Exception as exc:  # noqa: BLE001 - any other failure of the chunked path means: do not chunk
             return "fail", f"chunked verification raised {type(exc).__name__}: {exc}"
@@ -336,9 +335,3 @@ def _is_fake(x: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - old torch
         return False
     return bool(is_fake(x))
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    check = getattr(compiler, "is_compiling", None)
-    return bool(check()) if check is not None else False

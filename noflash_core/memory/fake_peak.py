@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..sdpa import math_sdpa
+
 __all__ = [
     "AttentionShape",
     "FakePeak",
@@ -160,14 +162,6 @@ def _tracker(record_sites: bool):
 
 
 # ---------------------------------------------------------------------------------------------- fake runs
-
-
-def math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """torch's math SDPA backend, the O(N²) reference."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 def _fake_run(

@@ -34,6 +34,7 @@ entered the mode (and the autograd engine's threads, which inherit it).
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import weakref
 from typing import Any, Callable, Iterator, Optional
@@ -45,10 +46,6 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["LiveBytesTracker", "MemoryBudget"]
 
 logger = logging.getLogger(__name__)
-
-_OutOfMemoryError: type[RuntimeError] = (
-    getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-)
 
 _LIFT_FRESH = frozenset(
     op
@@ -160,6 +157,11 @@ def _python_kernel(func: Any) -> Optional[Callable[..., Any]]:
     return getattr(opdef, "_init_fn", None) if opdef is not None else None
 
 
+def _counter(attr: str, doc: str) -> property:
+    """A read-only int property that returns ``self.<attr>``."""
+    return property(operator.attrgetter(attr), doc=doc)
+
+
 class LiveBytesTracker(TorchDispatchMode):
     """Count the bytes of tensor storages allocated inside the context that are still alive.
 
@@ -188,26 +190,13 @@ class LiveBytesTracker(TorchDispatchMode):
         self._frees = 0
         self._on_free_cb = self._on_free
 
-    # ------------------------------------------------------------------ public state
-    @property
-    def live_bytes(self) -> int:
-        """Bytes of counted storages that are still alive."""
-        return self._live
-
-    @property
-    def peak_bytes(self) -> int:
-        """Maximum of :attr:`live_bytes` since the last ``__enter__`` or :meth:`reset_peak`."""
-        return self._peak
-
-    @property
-    def allocations(self) -> int:
-        """Number of storages counted so far (growth of a counted storage is not a new allocation)."""
-        return self._allocations
-
-    @property
-    def frees(self) -> int:
-        """Number of counted storages that have been freed."""
-        return self._frees
+    # ------------------------------------------------------------------ public state (read-only counters)
+    live_bytes = _counter("_live", "Bytes of counted storages that are still alive.")
+    peak_bytes = _counter("_peak", "Maximum of :attr:`live_bytes` since the last ``__enter__`` or :meth:`reset_peak`.")
+    allocations = _counter(
+        "_allocations", "Number of storages counted so far (growth of a counted storage is not a new allocation)."
+    )
+    frees = _counter("_frees", "Number of counted storages that have been freed.")
 
     @property
     def live_storages(self) -> int:
@@ -361,7 +350,7 @@ class MemoryBudget(LiveBytesTracker):
             f"live + requested = {self._live + requested} > limit {limit} bytes"
         )
         logger.debug(msg)
-        raise _OutOfMemoryError(msg)
+        raise torch.OutOfMemoryError(msg)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, limit_bytes={self.limit_bytes}, ooms_raised={self._ooms})"

@@ -26,7 +26,7 @@ __all__ = ["main"]
 
 
 def _parse_bytes(text: str) -> int:
-    from ..bench.config import parse_bytes
+    from ..units import parse_bytes
 
     try:
         return parse_bytes(text)

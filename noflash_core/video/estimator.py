@@ -35,6 +35,7 @@ from torch import nn
 from ..device import PRESETS, DeviceProfile, device_profile, get_preset, simulate_device
 from ..memory.fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
 from ..memory.tracker import LiveBytesTracker
+from ..units import dtype_name, parse_dtype
 from ..units import format_bytes as _format_bytes
 from .comfy_attention import (
     ComfyPaths,
@@ -67,7 +68,7 @@ __all__ = [
 THIS_MACHINE = "this machine"
 MATH_PRECISION = "torch math SDPA with fp16/bf16 reductions on (ComfyUI's setting)"
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 _UNLIMITED = 1 << 50
 _MAX_FFN_CHUNKS = 64  # past this, per-chunk overhead grows and the output buffer dominates anyway
@@ -77,8 +78,8 @@ _WEIGHT_BYTES = {"fp8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
 
 
 def format_bytes(n: Optional[float]) -> str:
-    """Bytes in binary units: ``"512 MiB"``, ``"71.4 GiB"``; None is ``"?"``."""
-    return _format_bytes(n, missing="?")
+    """Bytes in binary units (:func:`noflash_core.units.format_bytes`); None is ``"?"``."""
+    return "?" if n is None else _format_bytes(n)
 
 
 def device_choices() -> List[str]:
@@ -583,15 +584,8 @@ def _estimate_vae(spec: VAESpec, fam: ModelFamily, latent: Tuple[int, int, int, 
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype]) -> Tuple[str, torch.dtype]:
-    if isinstance(dtype, torch.dtype):
-        names = {v: k for k, v in _DTYPES.items()}
-        if dtype not in names:
-            raise ValueError(f"dtype {dtype} is not supported; use fp16, bf16 or fp32")
-        return names[dtype], dtype
-    key = _DTYPE_ALIASES.get(dtype.strip().lower().replace("torch.", ""), dtype.strip().lower())
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
-    return key, _DTYPES[key]
+    torch_dtype = parse_dtype(dtype, allowed=_DTYPES)
+    return dtype_name(torch_dtype), torch_dtype
 
 
 def _weight_format(name: str, what: str) -> str:
@@ -653,17 +647,17 @@ def estimate_run(
         ValueError: unknown model, device, encoder, VAE or dtype, or a size that makes no latent.
     """
     fam = get_family(model)
-    dtype_name, torch_dtype = _parse_dtype(dtype)
+    name, torch_dtype = _parse_dtype(dtype)
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
     target, profile = resolve_target(device, vram_bytes)
-    formats = (_weight_format(weights or dtype_name, "weights"),
+    formats = (_weight_format(weights or name, "weights"),
                _weight_format(text_encoder_weights, "text_encoder_weights"))
     encoders = _encoder_specs(fam, text_encoders)
     vae_spec = None if vae is None or vae == "none" else (
         get_vae(fam.vae) if vae == "auto" else (vae if isinstance(vae, VAESpec) else get_vae(vae)))
     with math_reductions(True), simulate_device(profile):
-        return _estimate(fam, width, height, frames, batch, dtype_name, torch_dtype, target, profile, encoders,
+        return _estimate(fam, width, height, frames, batch, name, torch_dtype, target, profile, encoders,
                          max(1, int(prompt_tokens)), vae_spec, formats)
 
 

@@ -66,7 +66,7 @@ def _exact_clip(comfy, clip):
     ref = clip.clone()
     encode = ref.patcher.get_model_object("encode_token_weights")
     ref.patcher.add_object_patch("encode_token_weights", clip_mod.EncodeRouter(
-        encode, ref.cond_stage_model, override.OverrideConfig(min_tokens=0), attention=te.float64_attention))
+        encode, ref.cond_stage_model, override.OverrideConfig(min_tokens=0), route=te.float64_route))
     return ref
 
 
@@ -97,10 +97,6 @@ def test_clip_l_patched_equals_original_and_never_calls_comfy_attention(comfy, c
     assert stats.calls == {"noflash": 12} and stats.encodes == 1 and stats.max_q_len == 77
     assert _no_routed_forward(clip_l.cond_stage_model)  # nothing stays patched after the encode
 
-    truth = _exact_clip(comfy, clip_l).encode_from_tokens(tokens, return_pooled=True)
-    for p, o, t in zip(patched, original, truth):
-        _assert_exact(p, o, t)
-
     # The original again: ComfyUI's attention, bit-identical to before; other clones are plain.
     again = clip_l.encode_from_tokens(tokens, return_pooled=True)
     assert counter.calls == 2 * comfy_calls
@@ -111,6 +107,10 @@ def test_clip_l_patched_equals_original_and_never_calls_comfy_attention(comfy, c
     last_layer = comfy.node("CLIPSetLastLayer")().set_last_layer(patched_clip, -2)[0]
     last_layer.encode_from_tokens(tokens)
     assert counter.calls == 3 * comfy_calls and _router(last_layer).stats.encodes == 2
+
+    truth = _exact_clip(comfy, clip_l).encode_from_tokens(tokens, return_pooled=True)  # ComfyUI's attention in f64
+    for p, o, t in zip(patched, original, truth):
+        _assert_exact(p, o, t)
 
 
 def test_clip_defaults_leave_77_tokens_to_comfy(comfy, clip_l, monkeypatch):
@@ -150,7 +150,7 @@ def test_t5_and_llama_encoders_every_mask_form(comfy, kind, monkeypatch):
     assert counter.calls == 2
     patched_clip = _node(comfy, "NoFlashCLIPPatcher", clip, True, 0, 0)
     patched = patched_clip.encode_from_tokens(tokens)
-    assert counter.calls == 2
+    assert counter.calls == 2  # the patched encoder never called ComfyUI's attention
     stats = _router(patched_clip).stats
     assert stats.calls == {"noflash": 2} and set(stats.tiers) <= {1, 2, 3} and stats.tiers, stats
     truth = _exact_clip(comfy, clip).encode_from_tokens(tokens)
@@ -173,9 +173,9 @@ def test_qwen_vl_vision_tower_windows(comfy, monkeypatch):
         assert calls > 8  # windowed blocks call attention once per window
         router = clip_mod.EncodeRouter(tower.forward, tower, override.OverrideConfig(min_tokens=0))
         patched = router(pixels, grid)
+        assert counter.calls == calls and router.stats.calls == {"noflash": calls}
         exact = clip_mod.EncodeRouter(tower.forward, tower, override.OverrideConfig(min_tokens=0),
-                                      attention=te.float64_attention)(pixels, grid)
-    assert counter.calls == calls and router.stats.calls == {"noflash": calls}
+                                      route=te.float64_route)(pixels, grid)
     _assert_exact(patched, original, exact)
     assert _no_routed_forward(tower)
 
@@ -191,7 +191,7 @@ def test_encode_that_raises_restores_everything(comfy, clip_l):
     c = clip_l.clone()
     c.patcher.add_object_patch("encode_token_weights", clip_mod.EncodeRouter(
         c.patcher.get_model_object("encode_token_weights"), c.cond_stage_model,
-        override.OverrideConfig(min_tokens=0), attention=broken))
+        override.OverrideConfig(min_tokens=0), route=lambda func: broken))
     with pytest.raises(RuntimeError, match="attention failed"):
         c.encode_from_tokens(tokens)
     assert _no_routed_forward(clip_l.cond_stage_model)

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "float64_attention",
+    "float64_route",
     "make_clip",
     "randomize_",
     "sd_vae",
@@ -169,6 +170,20 @@ def wan_vae(seed: int = 0):
         shape_model = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                              temperal_downsample=[False, True, True], dropout=0.0)
     return comfy.sd.VAE(sd=random_state_dict(shape_model, seed))
+
+
+def float64_route(func):
+    """``route(func)`` for an exact-attention reference: ComfyUI's own attention function ``func`` run on float64
+    copies of the operands (and a float mask), the output cast back to the query's dtype."""
+
+    def exact(*args, **kwargs):
+        def f64(t):
+            return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        out = func(*[f64(a) for a in args], **{k: f64(v) for k, v in kwargs.items()})
+        return out.to(args[0].dtype)
+
+    return exact
 
 
 def float64_attention(q, k, v, attn_mask=None, **_ignored):

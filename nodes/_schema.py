@@ -1,0 +1,30 @@
+"""The schema every MODEL -> MODEL node of the pack shares: its category, one MODEL output, the node id."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from comfy_api.latest import io
+
+__all__ = ["CATEGORY", "model_patch_schema", "node_id"]
+
+CATEGORY = "advanced/noflash"
+
+
+def model_patch_schema(
+    cls: type, display_name: str, model_tooltip: str, *inputs: io.Input, with_node_id: bool = True
+) -> io.Schema:
+    """``io.Schema`` of a node that returns a patched clone of its MODEL input: the node id is the class name, the
+    description its docstring, the first input the MODEL. ``with_node_id`` adds the executing node's id as a hidden
+    input (the attention nodes tag their runs' status with it, for the badge)."""
+    return io.Schema(
+        node_id=cls.__name__, display_name=display_name, category=CATEGORY, description=" ".join(cls.__doc__.split()),
+        inputs=[io.Model.Input("model", tooltip=model_tooltip), *inputs],
+        outputs=[io.Model.Output(display_name="model")], hidden=[io.Hidden.unique_id] if with_node_id else None,
+    )
+
+
+def node_id(cls) -> Optional[str]:
+    """The executing node's id (None when called outside ComfyUI's executor, as in tests)."""
+    hidden = getattr(cls, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None
