@@ -73,6 +73,10 @@ class ModelFamily:
         cross_tokens: key length of the cross-attention to text; 0 when there is none.
         nominal_params: parameter count from the model's name.
         is_video: whether ``frames > 1`` is meaningful.
+        text_encoders: keys of :data:`noflash_core.video.encoders.TEXT_ENCODERS` its workflows load.
+        vae: key of :data:`noflash_core.video.encoders.VAES`.
+        skip_reshape: ComfyUI's model calls attention with ``(b, h, n, d)`` operands (Flux-style ``attention()``),
+            so ComfyUI's sub-quadratic attention makes no operand copies.
     """
 
     name: str
@@ -87,6 +91,9 @@ class ModelFamily:
     cross_tokens: int
     nominal_params: float
     is_video: bool
+    text_encoders: Tuple[str, ...] = ()
+    vae: str = "sd"
+    skip_reshape: bool = False
 
     @property
     def dim(self) -> int:
@@ -117,6 +124,9 @@ def _dit(
     joint_text_tokens: int = 0,
     cross_tokens: int = 0,
     params: float,
+    text_encoders: Tuple[str, ...] = (),
+    vae_key: str = "sd",
+    skip_reshape: bool = False,
 ) -> ModelFamily:
     """A single-stage transformer. ``vae`` is ``(temporal, spatial, channels)``."""
     temporal, spatial, channels = vae
@@ -133,6 +143,9 @@ def _dit(
         cross_tokens=cross_tokens,
         nominal_params=params,
         is_video=temporal > 1,
+        text_encoders=text_encoders,
+        vae=vae_key,
+        skip_reshape=skip_reshape,
     )
 
 
@@ -155,6 +168,8 @@ def _sdxl() -> ModelFamily:
         cross_tokens=77,
         nominal_params=2.6e9,
         is_video=False,
+        text_encoders=("clip-l", "clip-g"),
+        vae="sd",
     )
 
 
@@ -173,6 +188,8 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=30,
             cross_tokens=512,
             params=1.3e9,
+            text_encoders=("umt5-xxl",),
+            vae_key="wan2.1",
         ),
         _dit(
             "wan2.1-14b",
@@ -185,6 +202,8 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=40,
             cross_tokens=512,
             params=14e9,
+            text_encoders=("umt5-xxl",),
+            vae_key="wan2.1",
         ),
         _dit(
             "wan2.2-5b",
@@ -197,6 +216,8 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=30,
             cross_tokens=512,
             params=5e9,
+            text_encoders=("umt5-xxl",),
+            vae_key="wan2.2",
         ),
         _dit(
             "wan2.2-14b",
@@ -209,6 +230,8 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=40,
             cross_tokens=512,
             params=14e9,
+            text_encoders=("umt5-xxl",),
+            vae_key="wan2.1",
         ),
         _dit(
             "ltxv-2b",
@@ -221,6 +244,8 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=28,
             cross_tokens=128,
             params=2e9,
+            text_encoders=("t5-xxl",),
+            vae_key="ltxv",
         ),
         _dit(
             "ltxv-13b",
@@ -233,6 +258,8 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=48,
             cross_tokens=128,
             params=13e9,
+            text_encoders=("t5-xxl",),
+            vae_key="ltxv",
         ),
         _dit(
             "hunyuanvideo",
@@ -245,6 +272,9 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=60,
             joint_text_tokens=256,
             params=13e9,
+            text_encoders=("llama-3-8b", "clip-l"),
+            vae_key="hunyuanvideo",
+            skip_reshape=True,
         ),
         _dit(
             "flux",
@@ -257,6 +287,9 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=57,
             joint_text_tokens=256,
             params=12e9,
+            text_encoders=("clip-l", "t5-xxl"),
+            vae_key="sd",
+            skip_reshape=True,
         ),
         _dit(
             "qwen-image",
@@ -269,6 +302,9 @@ def _build() -> Dict[str, ModelFamily]:
             blocks=60,
             joint_text_tokens=256,
             params=20e9,
+            text_encoders=("qwen2.5-vl-7b",),
+            vae_key="wan2.1",
+            skip_reshape=True,
         ),
         _sdxl(),
     ]
