@@ -91,6 +91,13 @@ class Workflow:
         d["inputs"][dslot]["link"] = lid
         self.links.append([lid, src, slot, dst, dslot, s["outputs"][slot]["type"]])
 
+    def wire(self, edges: str) -> None:
+        """Link from first outputs, in order: ``edges`` is space-separated ``"src>dst.input"``."""
+        for edge in edges.split():
+            src, target = edge.split(">")
+            dst, name = target.split(".")
+            self.link(int(src), 0, int(dst), name)
+
     def to_json(self, offset=(60, 60), scale=0.7) -> dict:
         for n in self.nodes:
             for o in n["outputs"]:
@@ -104,21 +111,37 @@ M, C, V, L, CO, IM = "MODEL", "CLIP", "VAE", "LATENT", "CONDITIONING", "IMAGE"
 PATCHER = [True, 1024, 0]  # enabled, min_tokens, budget_mb (0 = automatic)
 
 
-def _probe(wf: Workflow, nid: int, pos, width: int, height: int, frames: int) -> None:
-    wf.node(nid, "NoFlashVRAMProbe", pos, (460, 420),
-            [width, height, frames, 1, "from model", "this machine", 0, "auto", 256],
+def _probe_and_note(wf: Workflow, nid: int, pos: Tuple[int, int], run: Tuple[int, int, int],
+                    note_box: Tuple[int, int], note: str) -> None:
+    """The VRAM Probe (node ``nid``) for a ``(width, height, frames)`` run and the Markdown note (``nid + 1``) in
+    the left column at ``note_box = (y, height)``."""
+    wf.node(nid, "NoFlashVRAMProbe", pos, (460, 420), [*run, 1, "from model", "this machine", 0, "auto", 256],
             [("model", M), ("clip", C)], [("report", "STRING")])
+    wf.node(nid + 1, "MarkdownNote", (0, note_box[0]), (330, note_box[1]), [note])
+
+
+def _base(unet: str, text_encoders: Sequence[str], clip_type: str, vae: str) -> Workflow:
+    """Nodes 1-3: diffusion model, text encoder(s) (two: ``DualCLIPLoader``) and VAE loaders; node 4: the
+    Attention Patcher (not yet linked)."""
+    wf = Workflow()
+    wf.node(1, "UNETLoader", (0, 0), (330, 82), [unet, "default"], outputs=[("MODEL", M)], models=[unet])
+    dual = len(text_encoders) == 2
+    wf.node(2, "DualCLIPLoader" if dual else "CLIPLoader", (0, 130), (330, 130 if dual else 106),
+            [*text_encoders, clip_type, "default"], outputs=[("CLIP", C)], models=list(text_encoders))
+    wf.node(3, "VAELoader", (0, 310 if dual else 290), (330, 58), [vae], outputs=[("VAE", V)], models=[vae])
+    wf.node(4, "NoFlashAttentionPatcher", (380, 0), (300, 130), PATCHER, [("model", M)], [("model", M)])
+    return wf
+
+
+def _sample_decode(wf: Workflow, nid: int, x: int, sampler: list) -> None:
+    """``KSampler`` (node ``nid``) at column ``x`` and the ``VAEDecode`` (``nid + 1``) right of it."""
+    wf.node(nid, "KSampler", (x, 0), (300, 262), sampler,
+            [("model", M), ("positive", CO), ("negative", CO), ("latent_image", L)], [("LATENT", L)])
+    wf.node(nid + 1, "VAEDecode", (x + 350, 0), (210, 46), None, [("samples", L), ("vae", V)], [("IMAGE", IM)])
 
 
 def flux() -> dict:
-    wf = Workflow()
-    wf.node(1, "UNETLoader", (0, 0), (330, 82), ["flux1-dev.safetensors", "default"], outputs=[("MODEL", M)],
-            models=["flux1-dev.safetensors"])
-    wf.node(2, "DualCLIPLoader", (0, 130), (330, 130), ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux",
-                                                        "default"], outputs=[("CLIP", C)],
-            models=["clip_l.safetensors", "t5xxl_fp16.safetensors"])
-    wf.node(3, "VAELoader", (0, 310), (330, 58), ["ae.safetensors"], outputs=[("VAE", V)], models=["ae.safetensors"])
-    wf.node(4, "NoFlashAttentionPatcher", (380, 0), (300, 130), PATCHER, [("model", M)], [("model", M)])
+    wf = _base("flux1-dev.safetensors", ("clip_l.safetensors", "t5xxl_fp16.safetensors"), "flux", "ae.safetensors")
     wf.node(5, "NoFlashVAEPatcher", (380, 180), (300, 130), PATCHER, [("vae", V)], [("vae", V)])
     wf.node(6, "CLIPTextEncode", (730, 0), (400, 160), [
         "A detailed botanical illustration of a fern unrolling, ink and watercolor on cream paper, ultra sharp."],
@@ -126,44 +149,23 @@ def flux() -> dict:
     wf.node(7, "FluxGuidance", (730, 210), (260, 58), [3.5], [("conditioning", CO)], [("CONDITIONING", CO)])
     wf.node(8, "ConditioningZeroOut", (730, 310), (260, 26), None, [("conditioning", CO)], [("CONDITIONING", CO)])
     wf.node(9, "EmptySD3LatentImage", (730, 390), (260, 106), [1536, 1536, 1], outputs=[("LATENT", L)])
-    wf.node(10, "KSampler", (1180, 0), (300, 262), [42, "fixed", 20, 1, "euler", "simple", 1],
-            [("model", M), ("positive", CO), ("negative", CO), ("latent_image", L)], [("LATENT", L)])
-    wf.node(11, "VAEDecode", (1530, 0), (210, 46), None, [("samples", L), ("vae", V)], [("IMAGE", IM)])
+    _sample_decode(wf, 10, 1180, [42, "fixed", 20, 1, "euler", "simple", 1])
     wf.node(12, "SaveImage", (1530, 100), (400, 420), ["noflash_flux_1536"], [("images", IM)])
-    _probe(wf, 13, (380, 560), 1536, 1536, 1)
-    wf.node(14, "MarkdownNote", (0, 420), (330, 300), [
+    _probe_and_note(wf, 13, (380, 560), (1536, 1536, 1), (420, 300), (
         "**Flux.1 dev at 1536x1536 with NoFlash**\n\n"
         "- **Attention Patcher**: 9,216 image + 256 text tokens per attention call run in exact tiles.\n"
         "- **VAE Patcher**: the VAE's mid-block attention has 36,864 tokens at this size; ComfyUI's split "
         "attention holds 5 GiB fp32 score slices twice, noflash's tiles a few MiB.\n"
         "- **VRAM Probe**: pick your card in *device* and queue; the bars show each part against its VRAM.\n\n"
-        "Missing models? The loaders list their download links (ComfyUI offers them when the workflow opens)."])
-    wf.link(1, 0, 4, "model")
-    wf.link(3, 0, 5, "vae")
-    wf.link(2, 0, 6, "clip")
-    wf.link(6, 0, 7, "conditioning")
-    wf.link(6, 0, 8, "conditioning")
-    wf.link(4, 0, 10, "model")
-    wf.link(7, 0, 10, "positive")
-    wf.link(8, 0, 10, "negative")
-    wf.link(9, 0, 10, "latent_image")
-    wf.link(10, 0, 11, "samples")
-    wf.link(5, 0, 11, "vae")
-    wf.link(11, 0, 12, "images")
-    wf.link(4, 0, 13, "model")
-    wf.link(2, 0, 13, "clip")
+        "Missing models? The loaders list their download links (ComfyUI offers them when the workflow opens)."))
+    wf.wire("1>4.model 3>5.vae 2>6.clip 6>7.conditioning 6>8.conditioning 4>10.model 7>10.positive "
+            "8>10.negative 9>10.latent_image 10>11.samples 5>11.vae 11>12.images 4>13.model 2>13.clip")
     return wf.to_json()
 
 
 def wan() -> dict:
-    wf = Workflow()
-    wf.node(1, "UNETLoader", (0, 0), (330, 82), ["wan2.2_ti2v_5B_fp16.safetensors", "default"],
-            outputs=[("MODEL", M)], models=["wan2.2_ti2v_5B_fp16.safetensors"])
-    wf.node(2, "CLIPLoader", (0, 130), (330, 106), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"],
-            outputs=[("CLIP", C)], models=["umt5_xxl_fp8_e4m3fn_scaled.safetensors"])
-    wf.node(3, "VAELoader", (0, 290), (330, 58), ["wan2.2_vae.safetensors"], outputs=[("VAE", V)],
-            models=["wan2.2_vae.safetensors"])
-    wf.node(4, "NoFlashAttentionPatcher", (380, 0), (300, 130), PATCHER, [("model", M)], [("model", M)])
+    wf = _base("wan2.2_ti2v_5B_fp16.safetensors", ("umt5_xxl_fp8_e4m3fn_scaled.safetensors",), "wan",
+             "wan2.2_vae.safetensors")
     wf.node(5, "NoFlashFFNChunker", (380, 180), (300, 60), [0], [("model", M)], [("model", M)])
     wf.node(6, "ModelSamplingSD3", (380, 290), (300, 58), [8], [("model", M)], [("MODEL", M)])
     wf.node(7, "CLIPTextEncode", (730, 0), (420, 160), [
@@ -173,47 +175,24 @@ def wan() -> dict:
             ["blurry, low quality, static, watermark, text, distorted"], [("clip", C)], [("CONDITIONING", CO)])
     wf.node(9, "Wan22ImageToVideoLatent", (730, 420), (300, 150), [1280, 704, 121, 1],
             [("vae", V), ("start_image", IM)], [("LATENT", L)])
-    wf.node(10, "KSampler", (1200, 0), (300, 262), [42, "fixed", 20, 5, "uni_pc", "simple", 1],
-            [("model", M), ("positive", CO), ("negative", CO), ("latent_image", L)], [("LATENT", L)])
-    wf.node(11, "VAEDecode", (1550, 0), (210, 46), None, [("samples", L), ("vae", V)], [("IMAGE", IM)])
+    _sample_decode(wf, 10, 1200, [42, "fixed", 20, 5, "uni_pc", "simple", 1])
     wf.node(12, "CreateVideo", (1550, 100), (270, 78), [24], [("images", IM), ("audio", "AUDIO")], [("VIDEO", "VIDEO")])
     wf.node(13, "SaveVideo", (1550, 230), (320, 300), ["video/noflash_wan22_5b", "auto", "auto"], [("video", "VIDEO")])
-    _probe(wf, 14, (380, 420), 1280, 704, 121)
-    wf.node(15, "MarkdownNote", (0, 400), (330, 300), [
+    _probe_and_note(wf, 14, (380, 420), (1280, 704, 121), (400, 300), (
         "**Wan 2.2 TI2V 5B, 1280x704, 121 frames, with NoFlash**\n\n"
         "27,280 tokens per attention call. ComfyUI's sub-quadratic attention sizes its chunks to free memory; torch's "
         "math SDPA (where ComfyUI uses PyTorch attention without a fused kernel) would need 66.7 GiB for one call. "
         "**Attention Patcher** runs the calls in exact tiles, **FFN Chunker** splits the 14,336-wide feed-forward.\n\n"
         "The **VRAM Probe** shows denoise, text encoder and VAE decode against your card. Decoding 121 frames at "
-        "once takes more than 16 GiB: if the probe says so, use VAE Decode (Tiled)."])
-    wf.link(1, 0, 4, "model")
-    wf.link(4, 0, 5, "model")
-    wf.link(5, 0, 6, "model")
-    wf.link(5, 0, 14, "model")
-    wf.link(2, 0, 7, "clip")
-    wf.link(2, 0, 8, "clip")
-    wf.link(3, 0, 9, "vae")
-    wf.link(6, 0, 10, "model")
-    wf.link(7, 0, 10, "positive")
-    wf.link(8, 0, 10, "negative")
-    wf.link(9, 0, 10, "latent_image")
-    wf.link(10, 0, 11, "samples")
-    wf.link(3, 0, 11, "vae")
-    wf.link(11, 0, 12, "images")
-    wf.link(12, 0, 13, "video")
-    wf.link(2, 0, 14, "clip")
+        "once takes more than 16 GiB: if the probe says so, use VAE Decode (Tiled)."))
+    wf.wire("1>4.model 4>5.model 5>6.model 5>14.model 2>7.clip 2>8.clip 3>9.vae 6>10.model "
+            "7>10.positive 8>10.negative 9>10.latent_image 10>11.samples 3>11.vae 11>12.images 12>13.video 2>14.clip")
     return wf.to_json()
 
 
 def qwen() -> dict:
-    wf = Workflow()
-    wf.node(1, "UNETLoader", (0, 0), (330, 82), ["qwen_image_fp8_e4m3fn.safetensors", "default"],
-            outputs=[("MODEL", M)], models=["qwen_image_fp8_e4m3fn.safetensors"])
-    wf.node(2, "CLIPLoader", (0, 130), (330, 106), ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"],
-            outputs=[("CLIP", C)], models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"])
-    wf.node(3, "VAELoader", (0, 290), (330, 58), ["qwen_image_vae.safetensors"], outputs=[("VAE", V)],
-            models=["qwen_image_vae.safetensors"])
-    wf.node(4, "NoFlashAttentionPatcher", (380, 0), (300, 130), PATCHER, [("model", M)], [("model", M)])
+    wf = _base("qwen_image_fp8_e4m3fn.safetensors", ("qwen_2.5_vl_7b_fp8_scaled.safetensors",), "qwen_image",
+             "qwen_image_vae.safetensors")
     wf.node(5, "ModelSamplingAuraFlow", (380, 180), (300, 58), [3.1], [("model", M)], [("MODEL", M)])
     wf.node(6, "NoFlashCLIPPatcher", (380, 290), (300, 130), PATCHER, [("clip", C)], [("clip", C)])
     wf.node(7, "NoFlashVAEPatcher", (380, 470), (300, 130), PATCHER, [("vae", V)], [("vae", V)])
@@ -223,34 +202,18 @@ def qwen() -> dict:
         [("clip", C)], [("CONDITIONING", CO)])
     wf.node(9, "CLIPTextEncode", (730, 230), (420, 120), [""], [("clip", C)], [("CONDITIONING", CO)])
     wf.node(10, "EmptySD3LatentImage", (730, 400), (300, 106), [1328, 1328, 1], outputs=[("LATENT", L)])
-    wf.node(11, "KSampler", (1200, 0), (300, 262), [42, "fixed", 20, 2.5, "euler", "simple", 1],
-            [("model", M), ("positive", CO), ("negative", CO), ("latent_image", L)], [("LATENT", L)])
-    wf.node(12, "VAEDecode", (1550, 0), (210, 46), None, [("samples", L), ("vae", V)], [("IMAGE", IM)])
+    _sample_decode(wf, 11, 1200, [42, "fixed", 20, 2.5, "euler", "simple", 1])
     wf.node(13, "SaveImage", (1550, 100), (400, 420), ["noflash_qwen_image"], [("images", IM)])
-    _probe(wf, 14, (730, 560), 1328, 1328, 1)
-    wf.node(15, "MarkdownNote", (0, 400), (330, 320), [
+    _probe_and_note(wf, 14, (730, 560), (1328, 1328, 1), (400, 320), (
         "**Qwen-Image at 1328x1328 with NoFlash**\n\n"
         "- **CLIP Patcher**: the Qwen2.5-VL 7B text encoder runs ComfyUI's attention_basic on GPUs without PyTorch "
         "attention (RDNA1/2, gfx906, MPS): full fp32 scores for all 28 heads per layer. Long prompts (min_tokens "
         "1024 and up) go through noflash's tiles instead; set min_tokens 0 to route every call.\n"
         "- **VAE Patcher**: 27,556 tokens at the VAE's mid-block; split attention holds 5.7 GiB of scores.\n"
         "- **Attention Patcher**: 6,889 image + prompt tokens per call.\n\n"
-        "The **VRAM Probe** reads the connected model and CLIP: pick your card in *device* and queue."])
-    wf.link(1, 0, 4, "model")
-    wf.link(4, 0, 5, "model")
-    wf.link(2, 0, 6, "clip")
-    wf.link(3, 0, 7, "vae")
-    wf.link(6, 0, 8, "clip")
-    wf.link(6, 0, 9, "clip")
-    wf.link(5, 0, 11, "model")
-    wf.link(8, 0, 11, "positive")
-    wf.link(9, 0, 11, "negative")
-    wf.link(10, 0, 11, "latent_image")
-    wf.link(11, 0, 12, "samples")
-    wf.link(7, 0, 12, "vae")
-    wf.link(12, 0, 13, "images")
-    wf.link(4, 0, 14, "model")
-    wf.link(6, 0, 14, "clip")
+        "The **VRAM Probe** reads the connected model and CLIP: pick your card in *device* and queue."))
+    wf.wire("1>4.model 4>5.model 2>6.clip 3>7.vae 6>8.clip 6>9.clip 5>11.model "
+            "8>11.positive 9>11.negative 10>11.latent_image 11>12.samples 7>12.vae 12>13.images 4>14.model 6>14.clip")
     return wf.to_json()
 
 
