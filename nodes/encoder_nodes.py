@@ -15,12 +15,12 @@ from comfy_api.latest import io
 from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
 from ..noflash_core.comfy.override import OverrideConfig
 from ..noflash_core.comfy.vae import VAE_ATTENTION_ATTR, VAEAttention, vae_attention_names
+from ._schema import node_schema
 
 __all__ = ["ENCODE_KEY", "NoFlashCLIPPatcher", "NoFlashVAEPatcher", "clone_vae", "patch_clip", "patch_vae"]
 
 logger = logging.getLogger(__name__)
 
-_CATEGORY = "advanced/noflash"
 _MIB = 1 << 20
 ENCODE_KEY = "encode_token_weights"
 
@@ -30,15 +30,19 @@ def _config(enabled: bool, min_tokens: int, budget_mb: int) -> OverrideConfig:
                           budget_bytes=budget_mb * _MIB if budget_mb > 0 else None)
 
 
-def _inputs(kind: str, min_tokens_tip: str):
-    return [
+def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, min_tokens_tip: str) -> io.Schema:
+    """Schema of a ``name`` -> ``name`` patcher: the ``port`` input to clone, the routing settings, its clone."""
+    return node_schema(cls, display_name, [
+        port.Input(name, tooltip=f"The {kind} to patch (it is cloned, never mutated)."),
+        io.Boolean.Input("enabled", default=True,
+                         tooltip=f"Off leaves every attention call of the {kind} to ComfyUI's own attention."),
         io.Boolean.Input("enabled", default=True,
                          tooltip=f"Off leaves every attention call of the {kind} to ComfyUI's own attention."),
         io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
         io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                      tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
                      "(NOFLASH_BUDGET_MB, else a fraction of free VRAM)."),
-    ]
+    ], [port.Output(display_name=name)])
 
 
 def patch_clip(clip, config: OverrideConfig):
@@ -77,23 +81,17 @@ def patch_vae(vae, config: OverrideConfig):
 
 
 class NoFlashCLIPPatcher(io.ComfyNode):
+    """Returns a clone of the CLIP whose text-encoder attention (CLIP-L/G, T5/UMT5, BERT, the
+    Llama/Qwen/Gemma encoders, the Qwen-VL vision tower) runs noflash's exact O(N)-memory tiles instead
+    of attention_basic's full score matrix. The patch exists only while the clone encodes; the input
+    CLIP and its other clones are not changed."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="NoFlashCLIPPatcher",
-            display_name="NoFlash CLIP Patcher",
-            category=_CATEGORY,
-            description="Returns a clone of the CLIP whose text-encoder attention (CLIP-L/G, T5/UMT5, BERT, the "
-            "Llama/Qwen/Gemma encoders, the Qwen-VL vision tower) runs noflash's exact O(N)-memory tiles instead "
-            "of attention_basic's full score matrix. The patch exists only while the clone encodes; the input "
-            "CLIP and its other clones are not changed.",
-            inputs=[
-                io.Clip.Input("clip", tooltip="The text encoder to patch (it is cloned, never mutated)."),
-                *_inputs("text encoder", "Calls whose longer side (query or key tokens) is below this use "
-                         "ComfyUI's own attention. CLIP's 77 tokens are below the default; set 0 to route every "
-                         "call."),
-            ],
-            outputs=[io.Clip.Output(display_name="clip")],
+        return _patcher_schema(
+            cls, "NoFlash CLIP Patcher", io.Clip, "clip", "text encoder", "Calls whose longer side (query or key "
+            "tokens) is below this use ComfyUI's own attention. CLIP's 77 tokens are below the default; set 0 to "
+            "route every call.",
         )
 
     @classmethod
@@ -105,22 +103,16 @@ class NoFlashCLIPPatcher(io.ComfyNode):
 
 
 class NoFlashVAEPatcher(io.ComfyNode):
+    """Returns a clone of the VAE whose attention blocks (the AttnBlock of
+    SD/SDXL/Flux/Z-Image/HunyuanVideo VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs) run
+    noflash's exact tiles instead of split attention's N x N score slices. Tiled decode works as before. The
+    input VAE is not changed."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="NoFlashVAEPatcher",
-            display_name="NoFlash VAE Patcher",
-            category=_CATEGORY,
-            description="Returns a clone of the VAE whose attention blocks (the AttnBlock of SD/SDXL/Flux/Z-Image/"
-            "HunyuanVideo VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs) run noflash's exact tiles "
-            "instead of split attention's N x N score slices. Tiled decode works as before. The input VAE is not "
-            "changed.",
-            inputs=[
-                io.Vae.Input("vae", tooltip="The VAE to patch (it is cloned, never mutated)."),
-                *_inputs("VAE", "Attention blocks with fewer tokens (latent pixels per frame at the block) use "
-                         "ComfyUI's own attention. 1536x1536 has 36,864 at the mid-block."),
-            ],
-            outputs=[io.Vae.Output(display_name="vae")],
+        return _patcher_schema(
+            cls, "NoFlash VAE Patcher", io.Vae, "vae", "VAE", "Attention blocks with fewer tokens (latent pixels "
+            "per frame at the block) use ComfyUI's own attention. 1536x1536 has 36,864 at the mid-block.",
         )
 
     @classmethod

@@ -20,6 +20,7 @@ from ..noflash_core.device import device_report
 from ..noflash_core.units import dtype_name
 from ..noflash_core.video.estimator import THIS_MACHINE, device_choices, estimate_run
 from ..noflash_core.video.families import family_names
+from ._schema import node_schema
 
 __all__ = ["NoFlashVRAMProbe"]
 
@@ -81,17 +82,17 @@ def _text_encoders(choice: str, clip) -> str:
 
 
 class NoFlashVRAMProbe(io.ComfyNode):
+    """Will a run of this size fit on your card? Shows one bar per component (weights,
+    activations, attention with ComfyUI's own path and with noflash, FFN, text encoder, VAE decode)
+    against the card's VRAM and a one-line verdict, for this machine or a GPU profile. The full report
+    (and the last patched run) is one click away."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="NoFlashVRAMProbe",
-            display_name="NoFlash VRAM Probe",
-            category="advanced/noflash",
-            description="Will a run of this size fit on your card? Shows one bar per component (weights, "
-            "activations, attention with ComfyUI's own path and with noflash, FFN, text encoder, VAE decode) "
-            "against the card's VRAM and a one-line verdict, for this machine or a GPU profile. The full report "
-            "(and the last patched run) is one click away.",
-            inputs=[
+        return node_schema(
+            cls,
+            "NoFlash VRAM Probe",
+            [
                 io.Int.Input("width", default=1280, min=16, max=16384, step=16, tooltip="Output width in pixels."),
                 io.Int.Input("height", default=704, min=16, max=16384, step=16, tooltip="Output height in pixels."),
                 io.Int.Input("frames", default=121, min=1, max=4096,
@@ -113,7 +114,7 @@ class NoFlashVRAMProbe(io.ComfyNode):
                                tooltip="Optional: the model to estimate for (its family and dtype)."),
                 io.Clip.Input("clip", optional=True, tooltip="Optional: the text encoder (its encoders)."),
             ],
-            outputs=[io.String.Output(display_name="report")],
+            [io.String.Output(display_name="report")],
             is_output_node=True,
         )
 
