@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Tuple
 
 from ..units import format_bytes
-from .probe import format_device, format_last_run
+from . import probe
+from .probe import format_device
 
 __all__ = ["ENCODER_ATTRIBUTES", "TEXT_ENCODER_CHOICES", "encoders_from_clip", "probe_text"]
 
@@ -64,11 +65,5 @@ def _memory_lines(report: Mapping[str, Any]) -> list:
 def probe_text(report: Mapping[str, Any], estimate: Optional[str], last_run: Optional[Mapping[str, Any]],
                note: str = "") -> str:
     """The probe's full text: this machine's device, the estimate (or ``note``), the last patched run."""
-    lines = ["This machine:"] + ["  " + line for line in _memory_lines(report)] + [""]
-    if estimate:
-        lines.append(estimate.rstrip())
-    elif note:
-        lines.append(note)
-    lines.append("")
-    lines.extend(format_last_run(last_run))
-    return "\n".join(lines)
+    device = ["This machine:"] + ["  " + line for line in _memory_lines(report)]
+    return probe.probe_text(report, estimate, last_run, note, device_lines=device)
