@@ -36,8 +36,6 @@ def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, mi
         port.Input(name, tooltip=f"The {kind} to patch (it is cloned, never mutated)."),
         io.Boolean.Input("enabled", default=True,
                          tooltip=f"Off leaves every attention call of the {kind} to ComfyUI's own attention."),
-        io.Boolean.Input("enabled", default=True,
-                         tooltip=f"Off leaves every attention call of the {kind} to ComfyUI's own attention."),
         io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
         io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                      tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
