@@ -10,6 +10,7 @@ from typing import List, Type
 from comfy_api.latest import ComfyExtension, io
 
 from .attention_nodes import NoFlashAttentionPatcher, NoFlashTierSelector
+from .encoder_nodes import NoFlashCLIPPatcher, NoFlashVAEPatcher
 from .ffn_node import NoFlashFFNChunker
 from .probe_node import NoFlashVRAMProbe
 
@@ -20,6 +21,8 @@ NODES: List[Type[io.ComfyNode]] = [
     NoFlashTierSelector,
     NoFlashFFNChunker,
     NoFlashVRAMProbe,
+    NoFlashCLIPPatcher,
+    NoFlashVAEPatcher,
 ]
 
 

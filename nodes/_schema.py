@@ -1,14 +1,27 @@
-"""The schema every MODEL -> MODEL node of the pack shares: its category, one MODEL output, the node id."""
+"""The schema conventions of the pack's nodes: category, node id = class name, description = docstring; and the
+schema every MODEL -> MODEL node shares (one MODEL input first, one MODEL output)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from comfy_api.latest import io
 
-__all__ = ["CATEGORY", "model_patch_schema", "node_id"]
+__all__ = ["CATEGORY", "model_patch_schema", "node_id", "node_schema"]
 
 CATEGORY = "advanced/noflash"
+
+
+def node_schema(
+    cls: type, display_name: str, inputs: Sequence[io.Input], outputs: Sequence[io.Output], **options
+) -> io.Schema:
+    """``io.Schema`` of one of the pack's nodes: the node id is the class name, the description its docstring
+    (whitespace folded), the category :data:`CATEGORY`; ``options`` go to ``io.Schema`` as they are (``hidden``,
+    ``is_output_node``)."""
+    return io.Schema(
+        node_id=cls.__name__, display_name=display_name, category=CATEGORY, description=" ".join(cls.__doc__.split()),
+        inputs=list(inputs), outputs=list(outputs), **options,
+    )
 
 
 def model_patch_schema(
@@ -17,10 +30,9 @@ def model_patch_schema(
     """``io.Schema`` of a node that returns a patched clone of its MODEL input: the node id is the class name, the
     description its docstring, the first input the MODEL. ``with_node_id`` adds the executing node's id as a hidden
     input (the attention nodes tag their runs' status with it, for the badge)."""
-    return io.Schema(
-        node_id=cls.__name__, display_name=display_name, category=CATEGORY, description=" ".join(cls.__doc__.split()),
-        inputs=[io.Model.Input("model", tooltip=model_tooltip), *inputs],
-        outputs=[io.Model.Output(display_name="model")], hidden=[io.Hidden.unique_id] if with_node_id else None,
+    return node_schema(
+        cls, display_name, [io.Model.Input("model", tooltip=model_tooltip), *inputs],
+        [io.Model.Output(display_name="model")], hidden=[io.Hidden.unique_id] if with_node_id else None,
     )
 
 

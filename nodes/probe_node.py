@@ -1,4 +1,9 @@
-"""VRAM Probe: what the device has, what a run of the given size needs, and what the last run used."""
+"""VRAM Probe: will a run of this size fit on the chosen card? One verdict, a bar chart, and the full text on demand.
+
+The estimate is ``noflash_core.video.estimator.estimate_run``, the same call ``python -m noflash_core.video`` makes.
+It goes to the browser as data, ``ui["noflash_estimate"]``, which ``web/noflash.js`` draws as bars against the
+card's VRAM and keeps in the node's properties (so the last estimate survives a page reload).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,32 @@ from typing import Optional, Tuple
 import torch
 from comfy_api.latest import io
 
+from ..noflash_core.comfy.estimate import TEXT_ENCODER_CHOICES, encoders_from_clip, probe_text
 from ..noflash_core.comfy.families import family_for_comfy_model
-from ..noflash_core.comfy.probe import probe_text
 from ..noflash_core.comfy.telemetry import default_history
 from ..noflash_core.device import device_report
 from ..noflash_core.units import dtype_name
+from ..noflash_core.video.estimator import THIS_MACHINE, device_choices, estimate_run
 from ..noflash_core.video.families import family_names
+from ._schema import node_schema
 
 __all__ = ["NoFlashVRAMProbe"]
 
 logger = logging.getLogger(__name__)
 
 _AUTO = "from model"
+_GIB = 1 << 30
+
+
+def _weights_format(module) -> str:
+    """``"fp8"``, ``"fp32"`` or ``"fp16"``: the storage format of most of a module's parameters."""
+    by_dtype = {}
+    for p in module.parameters():
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+    if not by_dtype:
+        return "fp16"
+    name = str(max(by_dtype, key=by_dtype.get))
+    return "fp8" if "float8" in name else ("fp32" if "float32" in name else "fp16")
 
 
 def _family_and_dtype(model, family: str) -> Tuple[Optional[str], str, str]:
@@ -27,29 +46,53 @@ def _family_and_dtype(model, family: str) -> Tuple[Optional[str], str, str]:
     dtype = "fp16"
     detected = None
     if model is not None:
-        dtype = dtype_name(model.model_dtype())
+        compute = getattr(model.model, "manual_cast_dtype", None)  # fp8 files compute in fp16/bf16
+        name = dtype_name(compute if compute is not None else model.model_dtype())
+        dtype = name if name in ("fp16", "bf16", "fp32") else "fp16"
         config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
         detected = family_for_comfy_model(type(model.model).__name__, config)
     if family != _AUTO:
         return family, dtype, ""
     if model is None:
-        return None, dtype, "Estimate: connect a MODEL or pick a family to get the attention estimate."
+        return None, dtype, "Estimate: connect a MODEL or pick a family to get the estimate."
     if detected is None:
         return None, dtype, (f"Estimate: no shape table for {type(model.model).__name__}; "
                              "pick the closest family.")
     return detected, dtype, ""
 
 
+def _comfy_device(model) -> Optional[torch.device]:
+    if model is not None:
+        return model.load_device
+    try:
+        import comfy.model_management
+
+        return comfy.model_management.get_torch_device()
+    except Exception:  # noqa: BLE001 - outside a ComfyUI process: the default device
+        return None
+
+
+def _text_encoders(choice: str, clip) -> str:
+    """The estimator's ``text_encoders`` argument: a connected CLIP's encoders for ``auto``, else the choice."""
+    if choice == "auto" and clip is not None:
+        found = encoders_from_clip(clip.cond_stage_model)
+        if found:
+            return "+".join(found)
+    return choice
+
+
 class NoFlashVRAMProbe(io.ComfyNode):
+    """Will a run of this size fit on your card? Shows one bar per component (weights,
+    activations, attention with ComfyUI's own path and with noflash, FFN, text encoder, VAE decode)
+    against the card's VRAM and a one-line verdict, for this machine or a GPU profile. The full report
+    (and the last patched run) is one click away."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="NoFlashVRAMProbe",
-            display_name="NoFlash VRAM Probe",
-            category="advanced/noflash",
-            description="Reports the device, free VRAM, whether a fused SDPA kernel exists, the attention memory "
-            "of a run of this size (math SDPA vs noflash's plan) and the last patched run's tiers and peak.",
-            inputs=[
+        return node_schema(
+            cls,
+            "NoFlash VRAM Probe",
+            [
                 io.Int.Input("width", default=1280, min=16, max=16384, step=16, tooltip="Output width in pixels."),
                 io.Int.Input("height", default=704, min=16, max=16384, step=16, tooltip="Output height in pixels."),
                 io.Int.Input("frames", default=121, min=1, max=4096,
@@ -57,10 +100,21 @@ class NoFlashVRAMProbe(io.ComfyNode):
                 io.Int.Input("batch", default=1, min=1, max=64, tooltip="Batch size (CFG doubles it in practice)."),
                 io.Combo.Input("family", options=[_AUTO, *family_names()], default=_AUTO,
                                tooltip="Model family for the estimate; 'from model' reads the connected MODEL."),
+                io.Combo.Input("device", options=device_choices(), default=THIS_MACHINE,
+                               tooltip="The card to plan for: this machine, or a GPU profile (planned on meta "
+                               "tensors, so it need not be in this box)."),
+                io.Int.Input("vram_gb", default=0, min=0, max=1024,
+                             tooltip="Card memory in GiB; 0 = the device's (or the profile's)."),
+                io.Combo.Input("text_encoder", options=list(TEXT_ENCODER_CHOICES), default="auto",
+                               tooltip="Text encoders for the text-encoder row; 'auto' reads a connected CLIP, "
+                               "else the model family's."),
+                io.Int.Input("prompt_tokens", default=256, min=1, max=1 << 16,
+                             tooltip="Prompt length in tokens (before the encoder's padding and template)."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the model to estimate for (its family and dtype)."),
+                io.Clip.Input("clip", optional=True, tooltip="Optional: the text encoder (its encoders)."),
             ],
-            outputs=[io.String.Output(display_name="report")],
+            [io.String.Output(display_name="report")],
             is_output_node=True,
         )
 
@@ -70,19 +124,35 @@ class NoFlashVRAMProbe(io.ComfyNode):
         return default_history().finished
 
     @classmethod
-    def execute(cls, width: int, height: int, frames: int, batch: int, family: str, model=None) -> io.NodeOutput:
-        device = model.load_device if model is not None else None
-        report = device_report(device)
+    def execute(cls, width: int, height: int, frames: int, batch: int, family: str, device: str = THIS_MACHINE,
+                vram_gb: int = 0, text_encoder: str = "auto", prompt_tokens: int = 256, model=None,
+                clip=None) -> io.NodeOutput:
+        here = _comfy_device(model)
+        report = device_report(here)
         key, dtype, note = _family_and_dtype(model, family)
+        chart = None
         estimate = None
         if key is not None:
             try:
-                from ..noflash_core.video.estimator import estimate_run
-
-                estimate = estimate_run(key, width, height, frames=frames, batch=batch, dtype=dtype,
-                                        vram_bytes=report.get("total_bytes"),
-                                        device=torch.device(report["device"]).type).to_text()
+                fp8 = model is not None and "float8" in str(model.model_dtype())
+                est = estimate_run(
+                    key, width, height, frames=frames, batch=batch, dtype=dtype,
+                    vram_bytes=vram_gb * _GIB if vram_gb > 0 else None,
+                    device=here if device == THIS_MACHINE and here is not None else device,
+                    text_encoders=_text_encoders(text_encoder, clip), prompt_tokens=prompt_tokens,
+                    weights="fp8" if fp8 else None,
+                    text_encoder_weights=_weights_format(clip.cond_stage_model) if clip is not None else "fp16",
+                )
+                estimate = est.to_text()
+                chart = est.to_chart()
             except (ImportError, ValueError) as exc:
                 note = f"Estimate unavailable: {exc}"
         text = probe_text(report, estimate, default_history().latest(), note)
-        return io.NodeOutput(text, ui={"text": [text]})
+        ui = {"text": [text]}
+        if chart is not None:
+            chart["text"] = text
+            ui["noflash_estimate"] = [chart]
+        else:
+            ui["noflash_estimate"] = [{"version": 1, "verdict": None, "verdict_text": note, "components": [],
+                                       "vram_bytes": None, "text": text}]
+        return io.NodeOutput(text, ui=ui)

@@ -152,6 +152,8 @@ def _probe_backends(device: torch.device) -> Tuple[Tuple[str, bool], ...]:
     """``(backend, runs)`` for torch's SDPA backends: each one tried on a tiny call on ``device``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from .sdpa import original_sdpa
+
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     backends = {
         "flash": SDPBackend.FLASH_ATTENTION,
@@ -169,7 +171,7 @@ def _probe_backends(device: torch.device) -> Tuple[Tuple[str, bool], ...]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with sdpa_kernel(backend):
-                    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+                    original_sdpa(q, q, q)  # torch's own, even while the global patch is on
             results.append((name, True))
         except (RuntimeError, NotImplementedError, TypeError):
             results.append((name, False))

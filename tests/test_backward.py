@@ -1,4 +1,9 @@
-"""The O(N)-memory backward of tiers 1 and 2: exact gradients, gradcheck, dropout replay, memory, training."""
+"""The O(N)-memory backward of tiers 1 and 2: exact gradients, gradcheck, dropout replay, memory, training.
+
+Every gradient comparison states the tier that ran (telemetry). The ``"auto"`` column runs under a budget one byte
+below math SDPA's predicted forward-and-backward peak, so it must run tier 1 or 2; one more "auto" case runs past
+the fast path with the default budget. Tensors live on ``NOFLASH_TEST_DEVICE`` (default cpu).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ import pytest
 import torch
 
 from noflash_core import scaled_dot_product_attention as sdpa
-from noflash_core.memory.tracker import LiveBytesTracker
+from tests.support.device import DEVICE, measure_peak, skip_unless_supported
 from tests.support.reference import math_sdpa
+from tests.support.tiers import AUTO_TIERS, TierLog, budget_below_math
+from tests.support.training import adam_losses, assert_same_training
 
 BLOCKS = dict(block_m=16, block_n=32)
 
@@ -16,12 +23,35 @@ def _grads(fn, inputs, weights):
     return torch.autograd.grad((fn() * weights).sum(), inputs)
 
 
+def _randn(*shape, g=None, dtype=torch.float64, grad=False):
+    return torch.randn(*shape, generator=g, dtype=dtype).to(DEVICE).requires_grad_(grad)
+
+
 def _inputs(shape_q, shape_k, ev, seed=0):
+    skip_unless_supported(torch.float64)
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(shape_q, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(shape_k, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(*shape_k[:-1], ev, generator=g, dtype=torch.float64, requires_grad=True)
+    q = _randn(*shape_q, g=g, grad=True)
+    k = _randn(*shape_k, g=g, grad=True)
+    v = _randn(*shape_k[:-1], ev, g=g, grad=True)
     return q, k, v
+
+
+def _grads_and_tier(tier, q, k, v, weights, mask=None, inputs=None, **kwargs):
+    """Our gradients (of q, k, v, or of ``inputs``) and the tier that ran; "auto" under a budget math cannot meet."""
+    if tier == "auto":
+        options = {"budget_bytes": budget_below_math(q, k, v, mask, kwargs.get("is_causal", False),
+                                                     kwargs.get("enable_gqa", False), requires_grad=True)}
+    else:
+        options = {"tier": tier, **BLOCKS}
+    with TierLog() as log:
+        grads = _grads(lambda: sdpa(q, k, v, mask, **options, **kwargs), inputs or (q, k, v), weights)
+    ran = log.only_tier()
+    if tier == "auto":
+        AUTO_TIERS[ran] += 1
+        assert ran in (1, 2), f"auto ran tier {ran} under grad and a budget below math's peak"
+    else:
+        assert ran == tier, f"asked for tier {tier}, ran tier {ran}"
+    return grads
 
 
 CASES = {
@@ -41,9 +71,23 @@ MASKS = [(90,), (70, 90), (2, 1, 1, 90), (2, 1, 70, 90), (2, 3, 70, 90), (2, 3, 
 def test_gradients_match_math_float64(tier, name):
     shape_q, shape_k, ev, kwargs = CASES[name]
     q, k, v = _inputs(shape_q, shape_k, ev)
-    weights = torch.randn(*shape_q[:-1], ev, dtype=torch.float64)
-    blocks = {} if tier == "auto" else BLOCKS
-    ours = _grads(lambda: sdpa(q, k, v, tier=tier, **blocks, **kwargs), (q, k, v), weights)
+    weights = _randn(*shape_q[:-1], ev)
+    ours = _grads_and_tier(tier, q, k, v, weights, **kwargs)
+    theirs = _grads(lambda: math_sdpa(q, k, v, **kwargs), (q, k, v), weights)
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max().item() <= 1e-9
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}], ids=["plain", "causal"])
+def test_auto_gradients_beyond_the_fast_path(kwargs):
+    # 4 x 768 x 768 fp32 scores are 9 MiB, above the fast path's 8 MiB: the default budget tiles.
+    q, k, v = _inputs((1, 4, 768, 32), (1, 4, 768, 32), 32)
+    weights = _randn(1, 4, 768, 32)
+    with TierLog() as log:
+        ours = _grads(lambda: sdpa(q, k, v, **kwargs), (q, k, v), weights)
+    ran = log.only_tier()
+    AUTO_TIERS[ran] += 1
+    assert ran in (1, 2), f"auto ran tier {ran} past the fast path"
     theirs = _grads(lambda: math_sdpa(q, k, v, **kwargs), (q, k, v), weights)
     for a, b in zip(ours, theirs):
         assert (a - b).abs().max().item() <= 1e-9
@@ -57,14 +101,14 @@ def test_mask_gradients(tier, kind, shape):
     g = torch.Generator().manual_seed(1)
     keep = torch.rand(shape, generator=g) > 0.3
     if kind == "bool":
-        mask = keep
+        mask = keep.to(DEVICE)
         inputs = (q, k, v)
     else:
         mask = torch.randn(shape, generator=g, dtype=torch.float64).masked_fill(~keep, float("-inf"))
-        mask.requires_grad_()
+        mask = mask.to(DEVICE).requires_grad_()
         inputs = (q, k, v, mask)
-    weights = torch.randn(2, 3, 70, 16, dtype=torch.float64)
-    ours = _grads(lambda: sdpa(q, k, v, mask, tier=tier, **BLOCKS), inputs, weights)
+    weights = _randn(2, 3, 70, 16)
+    ours = _grads_and_tier(tier, q, k, v, weights, mask, inputs)
     theirs = _grads(lambda: math_sdpa(q, k, v, mask), inputs, weights)
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape
@@ -74,7 +118,7 @@ def test_mask_gradients(tier, kind, shape):
 @pytest.mark.parametrize("tier", [1, 2])
 def test_fully_masked_rows_have_zero_gradient(tier):
     q, k, v = _inputs((1, 2, 40, 16), (1, 2, 50, 16), 16)
-    keep = torch.ones(40, 50, dtype=torch.bool)
+    keep = torch.ones(40, 50, dtype=torch.bool, device=DEVICE)
     keep[::4] = False
     out = sdpa(q, k, v, keep, tier=tier, **BLOCKS)
     (gq,) = torch.autograd.grad(out.sum(), (q,))
@@ -85,7 +129,7 @@ def test_fully_masked_rows_have_zero_gradient(tier):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_gradients_close_to_math(tier, dtype):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in _inputs((1, 2, 64, 32), (1, 2, 80, 32), 32))
-    weights = torch.randn(1, 2, 64, 32, dtype=torch.float64)
+    weights = _randn(1, 2, 64, 32)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = _grads(lambda: math_sdpa(q64, k64, v64), (q64, k64, v64), weights)
     ours = _grads(lambda: sdpa(q, k, v, tier=tier, **BLOCKS), (q, k, v), weights.to(dtype))
@@ -100,7 +144,7 @@ def test_low_precision_gradients_close_to_math(tier, dtype):
 @pytest.mark.parametrize("tier", [1, 2])
 def test_gradcheck(tier):
     q, k, v = _inputs((1, 2, 6, 4), (1, 2, 7, 4), 3)
-    mask = torch.randn(1, 1, 6, 7, dtype=torch.float64, requires_grad=True)
+    mask = _randn(1, 1, 6, 7, grad=True)
 
     def fn(q, k, v, mask):
         return sdpa(q, k, v, mask, tier=tier, block_m=4, block_n=3)
@@ -126,7 +170,7 @@ def test_dropout_backward_replays_forward_mask(tier):
     torch.manual_seed(5)
     out = sdpa(q, k, v, dropout_p=0.5, tier=tier, **BLOCKS)
     # Recover the keep-mask: with V = identity the output is the dropped weights.
-    eye = torch.eye(30, dtype=torch.float64).expand(1, 2, 30, 30)
+    eye = torch.eye(30, dtype=torch.float64, device=DEVICE).expand(1, 2, 30, 30)
     torch.manual_seed(5)
     dropped = sdpa(q.detach(), k.detach(), eye, dropout_p=0.5, tier=tier, **BLOCKS)
     scale = (dropped != 0).double() / 0.5
@@ -147,32 +191,33 @@ def test_double_backward_raises_clearly():
         torch.autograd.grad(out.sum(), (q,), create_graph=True)
 
 
-def _fwd_bwd_peak(n: int, tier: int) -> int:
-    q, k, v = (torch.randn(1, 4, n, 32, requires_grad=True) for _ in range(3))
-    grad = torch.randn(1, 4, n, 32)
-    with LiveBytesTracker() as tracker:
+def _fwd_bwd_peak(n: int, tier: int):
+    q, k, v = (_randn(1, 4, n, 32, dtype=torch.float32, grad=True) for _ in range(3))
+    grad = _randn(1, 4, n, 32, dtype=torch.float32)
+    with measure_peak() as peak:
         out = sdpa(q, k, v, tier=tier, block_m=64, block_n=128)
         out.backward(grad)
         del out
-    return tracker.peak_bytes
+    return peak
 
 
 @pytest.mark.parametrize("tier", [1, 2])
 def test_forward_backward_peak_grows_linearly(tier):
     small, large = _fwd_bwd_peak(1024, tier), _fwd_bwd_peak(2048, tier)
-    assert large <= 2.3 * small, (small, large)
+    assert large.tracker <= 2.3 * small.tracker, (small, large)
+    if small.device is not None:  # the allocator's own count, where the device keeps one
+        assert large.device <= 2.3 * small.device, (small, large)
 
 
 @pytest.mark.parametrize("tier", [1, 2])
 def test_saved_for_backward_is_output_plus_lse(tier):
     n, h, e = 1024, 4, 32
-    q, k, v = (torch.randn(1, h, n, e, requires_grad=True) for _ in range(3))
-    with LiveBytesTracker() as tracker:
+    q, k, v = (_randn(1, h, n, e, dtype=torch.float32, grad=True) for _ in range(3))
+    with measure_peak() as peak:
         out = sdpa(q, k, v, tier=tier, block_m=64, block_n=128)
-        held = tracker.live_bytes
     out_bytes = out.numel() * out.element_size()
     lse_bytes = h * n * 4
-    assert held <= out_bytes + lse_bytes + 64 * 1024, (held, out_bytes, lse_bytes)
+    assert peak.live <= out_bytes + lse_bytes + 64 * 1024, (peak, out_bytes, lse_bytes)
     del out
 
 
@@ -197,23 +242,13 @@ class _Block(torch.nn.Module):
 
 def _train(attention, steps: int = 3, n: int = 4096):
     torch.manual_seed(0)
-    model = _Block(32, 2, attention)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(1, n, 32)
-    target = torch.randn(1, n, 32)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    model = _Block(32, 2, attention).to(DEVICE)
+    x, target = torch.randn(1, n, 32).to(DEVICE), torch.randn(1, n, 32).to(DEVICE)
+    return adam_losses(model, model.parameters(), x, target, steps, lr=1e-3)
 
 
 def test_training_loop_matches_math():
-    ours = _train(lambda *a, **kw: sdpa(*a, **kw))
-    theirs = _train(math_sdpa)
-    assert ours[-1] < ours[0]
-    for a, b in zip(ours, theirs):
-        assert abs(a - b) <= 1e-5 * abs(b)
+    with TierLog() as log:
+        ours = _train(lambda *a, **kw: sdpa(*a, **kw))
+    assert set(log.tiers) <= {1, 2}, log.by_tier()  # 4096 tokens: auto tiles
+    assert_same_training(ours, _train(math_sdpa))

@@ -1,4 +1,7 @@
-"""torch.compile sees one registered op per attention call: no graph breaks, forward and backward run."""
+"""torch.compile sees one registered op per attention call: no graph breaks, forward and backward run.
+
+Runs on ``NOFLASH_TEST_DEVICE`` (default cpu); inductor is skipped on MPS, where torch's support is partial.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import pytest
 import torch
 
 import noflash_core as nc
+from tests.support.device import DEVICE
 from tests.support.reference import math_sdpa
+from tests.support.training import adam_losses, assert_same_training
 
 
 class _Attention(torch.nn.Module):
@@ -29,17 +34,21 @@ def _graph_breaks(model, x) -> int:
     return explanation.graph_break_count
 
 
+def _model_and_input(*shape, grad=False):
+    return _Attention().to(DEVICE), torch.randn(*shape).to(DEVICE).requires_grad_(grad)
+
+
 def test_no_graph_break_from_our_op():
-    model = _Attention()
-    x = torch.randn(1, 256, 32)
+    model, x = _model_and_input(1, 256, 32)
     assert _graph_breaks(model, x) == 0
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_forward_backward_matches_eager(backend):
+    if backend == "inductor" and DEVICE.type == "mps":
+        pytest.skip("inductor's MPS support is partial")
     torch.manual_seed(0)
-    model = _Attention()
-    x = torch.randn(1, 256, 32, requires_grad=True)
+    model, x = _model_and_input(1, 256, 32, grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     out = compiled(x)
@@ -56,7 +65,7 @@ def test_compiled_forward_backward_matches_eager(backend):
 
 def test_compiled_matches_math():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 128, 16).to(DEVICE) for _ in range(3))
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: nc.scaled_dot_product_attention(q, k, v, tier=1, block_m=32),
                        backend="aot_eager", fullgraph=True)
@@ -66,21 +75,10 @@ def test_compiled_matches_math():
 def test_compiled_model_trains_like_eager():
     def train(compile_model: bool):
         torch.manual_seed(0)
-        model = _Attention()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model, x = _model_and_input(2, 256, 32)
         step_model = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_model else model
-        x, target = torch.randn(2, 256, 32), torch.randn(2, 256, 32)
-        losses = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(step_model(x), target)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+        target = torch.randn(2, 256, 32).to(DEVICE)
+        return adam_losses(step_model, model.parameters(), x, target, steps=4, lr=1e-2)
 
     torch._dynamo.reset()
-    compiled, eager = train(True), train(False)
-    assert compiled[-1] < compiled[0]
-    for a, b in zip(compiled, eager):
-        assert abs(a - b) <= 1e-5 * abs(b)
+    assert_same_training(train(True), train(False))

@@ -41,16 +41,9 @@ CASES = [
 @pytest.mark.parametrize("tier,block_m,block_n,dtype,requires_grad", CASES)
 def test_extrapolated_prediction_matches_tracker_within_5_percent(tier, block_m, block_n, dtype, requires_grad):
     shape = AttentionShape(1, 2, 1500, 1300, 32)
-    plan, predicted = predict_plan_peak(
-        shape,
-        dtype=dtype,
-        requires_grad=requires_grad,
-        budget_bytes=BUDGET,
-        tier=tier,
-        block_m=block_m,
-        block_n=block_n,
-        max_direct_tiles=0,  # force the fit-and-extrapolate path
-    )
+    plan, predicted = predict_plan_peak(shape, dtype=dtype, requires_grad=requires_grad, budget_bytes=BUDGET, tier=tier,
+                                        block_m=block_m, block_n=block_n,
+                                        max_direct_tiles=0)  # force the fit-and-extrapolate path
     assert predicted.method == "affine" and predicted.verified
 
     def fixed(q, k, v):

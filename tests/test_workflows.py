@@ -20,7 +20,10 @@ WIDGETS = {
     "NoFlashAttentionPatcher": 3,  # enabled, min_tokens, budget_mb
     "NoFlashTierSelector": 3,  # tier, block_m, block_n
     "NoFlashFFNChunker": 1,  # num_chunks
-    "NoFlashVRAMProbe": 5,  # width, height, frames, batch, family
+    "NoFlashVRAMProbe": 9,  # width, height, frames, batch, family, device, vram_gb, text_encoder, prompt_tokens
+    "NoFlashCLIPPatcher": 3,  # enabled, min_tokens, budget_mb
+    "NoFlashVAEPatcher": 3,  # enabled, min_tokens, budget_mb
+    "ModelSamplingAuraFlow": 1,
     "UNETLoader": 2,
     "CLIPLoader": 3,
     "DualCLIPLoader": 4,
@@ -55,10 +58,31 @@ def _by_type(wf, type_):
     return [n for n in wf["nodes"] if n["type"] == type_]
 
 
-def test_there_are_two_example_workflows():
-    names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 2, names
-    assert any(n.startswith("wan2.2_5b") for n in names) and any(n.startswith("flux") for n in names)
+def _named(prefix):
+    return next(p for p in WORKFLOWS if os.path.basename(p).startswith(prefix))
+
+
+def test_there_are_three_example_workflows_with_readable_names_and_thumbnails():
+    names = sorted(os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS)
+    assert names == ["Flux dev 1536x1536 image (NoFlash)", "Qwen-Image 1328x1328 image (NoFlash)",
+                     "Wan 2.2 5B text to video 1280x704 121 frames (NoFlash)"]
+    for name in names:
+        # The frontend 1.27 shows the file name as the card's title and fetches <name>.jpg as its thumbnail.
+        thumb = os.path.join(ROOT, "example_workflows", name + ".jpg")
+        with open(thumb, "rb") as f:
+            head = f.read(3)
+        assert head == b"\xff\xd8\xff", f"{thumb} is not a JPEG"
+        assert 10_000 < os.path.getsize(thumb) < 200_000
+        assert all(c.isalnum() or c in " .()-x" for c in name), name
+
+
+def test_example_files_are_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("noflash_make_examples", os.path.join(ROOT, "docs",
+                                                                                       "make_examples.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    for name, (build, _, _) in gen.WORKFLOWS.items():
+        assert _load(os.path.join(ROOT, "example_workflows", name + ".json")) == json.loads(json.dumps(build()))
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
@@ -105,32 +129,56 @@ def test_noflash_nodes_are_wired_into_the_model_path(path):
     assert "NoFlashAttentionPatcher" in chain and chain[-1] in ("UNETLoader",), chain
 
 
+def _source(wf, node, input_type):
+    """The node feeding ``node``'s input of ``input_type``."""
+    link_of = {link[0]: link for link in wf["links"]}
+    inp = next(i for i in node["inputs"] if i["type"] == input_type and i["link"] is not None)
+    return _by_id(wf)[link_of[inp["link"]][1]]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
-def test_model_files_are_named(path):
+def test_model_files_are_declared_for_the_missing_models_dialog(path):
+    # The frontend reads node.properties.models ({name, url, directory}) for models selected in a widget.
     wf = _load(path)
-    named = wf["extra"]["noflash"]["models"]
     for type_, folder in MODEL_FOLDERS.items():
         for node in _by_type(wf, type_):
             files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
-            assert files, node["type"]
-            assert set(files) <= set(named[folder]), (files, named)
+            declared = node["properties"]["models"]
+            assert files and sorted(m["name"] for m in declared) == sorted(files), node["type"]
+            for m in declared:
+                assert m["directory"] == folder
+                assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
 
 
 def test_wan_workflow_is_5b_t2v_1280x704_121_frames_with_our_three_nodes():
-    wf = _load(next(p for p in WORKFLOWS if os.path.basename(p).startswith("wan")))
+    wf = _load(_named("Wan"))
     types = {n["type"] for n in wf["nodes"]}
     assert {"NoFlashAttentionPatcher", "NoFlashFFNChunker", "NoFlashVRAMProbe"} <= types
     latent = _by_type(wf, "Wan22ImageToVideoLatent")[0]
     assert latent["widgets_values"] == [1280, 704, 121, 1]
     assert latent["inputs"][1]["name"] == "start_image" and latent["inputs"][1]["link"] is None  # text-to-video
     assert _by_type(wf, "UNETLoader")[0]["widgets_values"][0] == "wan2.2_ti2v_5B_fp16.safetensors"
-    assert _by_type(wf, "NoFlashVRAMProbe")[0]["widgets_values"][:3] == [1280, 704, 121]
+    assert _by_type(wf, "NoFlashVRAMProbe")[0]["widgets_values"] == [1280, 704, 121, 1, "from model",
+                                                                     "this machine", 0, "auto", 256]
 
 
-def test_flux_workflow_is_1536_squared():
-    wf = _load(next(p for p in WORKFLOWS if os.path.basename(p).startswith("flux")))
+def test_flux_workflow_is_1536_squared_with_the_vae_patcher():
+    wf = _load(_named("Flux"))
     assert _by_type(wf, "EmptySD3LatentImage")[0]["widgets_values"] == [1536, 1536, 1]
     assert _by_type(wf, "UNETLoader")[0]["widgets_values"][0] == "flux1-dev.safetensors"
+    decode = _by_type(wf, "VAEDecode")[0]
+    assert _source(wf, decode, "VAE")["type"] == "NoFlashVAEPatcher"
+
+
+def test_qwen_image_workflow_patches_its_llm_text_encoder_and_vae():
+    wf = _load(_named("Qwen"))
+    assert _by_type(wf, "EmptySD3LatentImage")[0]["widgets_values"] == [1328, 1328, 1]
+    assert _by_type(wf, "CLIPLoader")[0]["widgets_values"][1] == "qwen_image"
+    for encode in _by_type(wf, "CLIPTextEncode"):
+        assert _source(wf, encode, "CLIP")["type"] == "NoFlashCLIPPatcher"
+    assert _source(wf, _by_type(wf, "VAEDecode")[0], "VAE")["type"] == "NoFlashVAEPatcher"
+    probe = _by_type(wf, "NoFlashVRAMProbe")[0]
+    assert _source(wf, probe, "CLIP")["type"] == "NoFlashCLIPPatcher"  # the probe reads the encoder from it
 
 
 # ---- against a real ComfyUI ------------------------------------------------------------------------------------

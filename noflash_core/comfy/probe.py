@@ -48,9 +48,11 @@ def probe_text(
     estimate: Optional[str] = None,
     last_run: Optional[Mapping[str, Any]] = None,
     note: str = "",
+    device_lines: Optional[List[str]] = None,
 ) -> str:
-    """The whole probe text: device lines, the estimate block (or ``note``), the last run."""
-    lines = format_device(report)
+    """The whole probe text: device lines (``device_lines``, default :func:`format_device`'s), the estimate block
+    (or ``note``), the last run."""
+    lines = list(device_lines) if device_lines is not None else format_device(report)
     lines.append("")
     if estimate:
         lines.append(estimate.rstrip())

@@ -117,6 +117,25 @@ class _Schedule:
         return last if self.rank < last and t == last - self.rank else None
 
 
+def _pass_kv(
+    gi: GroupInfo, sched: _Schedule, t: int, k: Tensor, v: Tensor
+) -> Tuple[StepMessages, Optional[Tuple[Tensor, Tensor]]]:
+    """Post step ``t``'s K/V transfer around the ring: ``k``/``v`` to the next rank when it needs them, and
+    buffers for the previous rank's block when we do. Returns the started messages and those buffers (None when
+    nothing comes); the buffers hold the block after ``msgs.wait()``."""
+    msgs = StepMessages(gi)
+    if sched.sends_kv(t):
+        nxt = (gi.rank + 1) % gi.size
+        msgs.send(k, nxt)
+        msgs.send(v, nxt)
+    incoming = None
+    if sched.receives_kv(t):
+        prv = (gi.rank - 1) % gi.size
+        incoming = (msgs.recv(k, prv), msgs.recv(v, prv))
+    msgs.start()
+    return msgs, incoming
+
+
 def _step_problem(q: Tensor, k: Tensor, v: Tensor, diagonal_causal: bool, scale: float) -> AttentionProblem:
     return AttentionProblem(q, k, v, None, diagonal_causal, scale, ())
 
@@ -130,25 +149,18 @@ class _RingAttention(torch.autograd.Function):
                 block_h: int = 0):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         sched = _Schedule(gi.rank, gi.size, causal)
-        nxt, prv = (gi.rank + 1) % gi.size, (gi.rank - 1) % gi.size
         out = lse = None
         k_cur, v_cur = k, v
         for t in range(gi.size):
-            msgs = StepMessages(gi)
-            if sched.sends_kv(t):
-                msgs.send(k_cur, nxt)
-                msgs.send(v_cur, nxt)
-            if sched.receives_kv(t):
-                k_next, v_next = msgs.recv(k_cur, prv), msgs.recv(v_cur, prv)
-            msgs.start()
+            msgs, incoming = _pass_kv(gi, sched, t, k_cur, v_cur)
             if sched.computes(t):  # overlapped with the transfer of the next block
                 problem = _step_problem(q, k_cur, v_cur, causal and t == 0, scale)
                 block_out, block_lse = run_forward(problem, tier, block_m, block_n, None, True, block_h)
                 out, lse = merge_partials(out, lse, block_out, block_lse)
                 del block_out, block_lse
             msgs.wait()
-            if sched.receives_kv(t):
-                k_cur, v_cur = k_next, v_next
+            if incoming is not None:
+                k_cur, v_cur = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (gi, causal, scale, block_m, block_n, block_h)
@@ -162,19 +174,12 @@ class _RingAttention(torch.autograd.Function):
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
         acc = TileMath.for_inputs(q, k, v).acc_dtype
         sched = _Schedule(gi.rank, gi.size, causal)
-        nxt, prv = (gi.rank + 1) % gi.size, (gi.rank - 1) % gi.size
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         k_cur, v_cur = k, v
         pending: Optional[StepMessages] = None  # the previous step's dK/dV messages
         partial_in = final = None
         for t in range(gi.size):
-            msgs = StepMessages(gi)
-            if sched.sends_kv(t):
-                msgs.send(k_cur, nxt)
-                msgs.send(v_cur, nxt)
-            if sched.receives_kv(t):
-                k_next, v_next = msgs.recv(k_cur, prv), msgs.recv(v_cur, prv)
-            msgs.start()
+            msgs, incoming = _pass_kv(gi, sched, t, k_cur, v_cur)
             dk_acc = dv_acc = None
             if sched.computes(t):  # overlapped with the K/V transfer and the previous dK/dV transfer
                 problem = _step_problem(q, k_cur, v_cur, causal and t == 0, scale)
@@ -207,8 +212,8 @@ class _RingAttention(torch.autograd.Function):
                 final = (dkv.recv(k, src, acc), dkv.recv(v, src, acc))
             pending = dkv.start()
             msgs.wait()
-            if sched.receives_kv(t):
-                k_cur, v_cur = k_next, v_next
+            if incoming is not None:
+                k_cur, v_cur = incoming
         if pending is not None:
             pending.wait()
         dk, dv = final

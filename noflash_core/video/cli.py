@@ -1,12 +1,15 @@
-"""``python -m noflash_core.video``: will this video or image run fit in my VRAM?
+"""``python -m noflash_core.video``: will this video or image run fit on my card?
 
 Example::
 
     python -m noflash_core.video --model wan2.2-5b --width 1280 --height 704 --frames 121 --batch 2 \\
-        --dtype fp16 --vram 16GiB
+        --dtype fp16 --device gfx1030
 
-Prints the tokens per attention call, what torch's math SDPA would need, noflash's plan (tier, blocks, peak),
-the FFN intermediate with and without chunking, and whether the run fits. ``--list`` shows the model table.
+Prints a verdict (fits / fits only with noflash / does not fit, and what to change), then the denoising step
+(tokens per attention call, ComfyUI's own attention on that card, math SDPA, noflash's plan, the FFN with and
+without chunking), the text encoders at the prompt's length and the VAE decode, each with weights included.
+``--device`` takes a GPU profile (gfx906, gfx1030, gfx1010, mps, arc, cpu) or ``this-machine``; ``--vram``
+overrides its memory. ``--list`` shows the model, encoder and device tables.
 
 The estimate itself is :func:`noflash_core.video.estimator.estimate_run`; this module only parses and prints.
 """
@@ -32,6 +35,8 @@ def _parse_bytes(text: str) -> int:
 
 
 def _model_table() -> str:
+    from ..device import PRESETS
+    from .encoders import TEXT_ENCODERS, VAES
     from .families import MODEL_FAMILIES
 
     rows = [
@@ -46,6 +51,11 @@ def _model_table() -> str:
             f"{text:>5}  {f.display}"
         )
     rows.append("text: +N joins self-attention (MMDiT), xN is the cross-attention key length.")
+    rows.append("")
+    rows.append("text encoders (--text-encoders a+b): " + ", ".join(TEXT_ENCODERS))
+    rows.append("VAEs (--vae): " + ", ".join(VAES))
+    rows.append("devices (--device): this-machine, " + ", ".join(
+        f"{name} ({p.description})" for name, p in PRESETS.items()))
     return "\n".join(rows)
 
 
@@ -63,8 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", "-f", type=int, default=1, help="output frames (default 1)")
     p.add_argument("--batch", "-b", type=int, default=1, help="transformer batch (2 with CFG; default 1)")
     p.add_argument("--dtype", default="fp16", help="fp16, bf16 or fp32 (default fp16)")
-    p.add_argument("--vram", type=_parse_bytes, help="device memory, e.g. 16GiB, 12GB, 8192MiB")
-    p.add_argument("--device", default="cuda", help="device type the plan is for (default cuda)")
+    p.add_argument("--vram", type=_parse_bytes, help="device memory, e.g. 16GiB, 12GB, 8192MiB (overrides the "
+                   "device's)")
+    p.add_argument("--device", default="this-machine",
+                   help="GPU profile to plan for: gfx906, gfx1030, gfx1010, mps, arc, cpu, or this-machine "
+                   "(default)")
+    p.add_argument("--text-encoders", default="auto",
+                   help="auto (the model's), none, or keys joined by '+', e.g. clip-l+t5-xxl")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
+    p.add_argument("--vae", default="auto", help="auto (the model's), none, or a VAE key")
+    p.add_argument("--weights", help="the diffusion model's weight format if not --dtype: fp8, fp16, bf16, fp32")
+    p.add_argument("--text-encoder-weights", default="fp16",
+                   help="the text encoders' weight format: fp16 (default) or fp8 (fp8-scaled files)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument("--list", action="store_true", help="list the model families and exit")
     return p
@@ -93,6 +113,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             dtype=args.dtype,
             vram_bytes=args.vram,
             device=args.device,
+            text_encoders=args.text_encoders,
+            prompt_tokens=args.prompt_tokens,
+            vae=args.vae,
+            weights=args.weights,
+            text_encoder_weights=args.text_encoder_weights,
         )
     except ValueError as exc:
         parser.error(str(exc))

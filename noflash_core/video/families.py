@@ -73,6 +73,10 @@ class ModelFamily:
         cross_tokens: key length of the cross-attention to text; 0 when there is none.
         nominal_params: parameter count from the model's name.
         is_video: whether ``frames > 1`` is meaningful.
+        text_encoders: keys of :data:`noflash_core.video.encoders.TEXT_ENCODERS` its workflows load.
+        vae: key of :data:`noflash_core.video.encoders.VAES`.
+        skip_reshape: ComfyUI's model calls attention with ``(b, h, n, d)`` operands (Flux-style ``attention()``),
+            so ComfyUI's sub-quadratic attention makes no operand copies.
     """
 
     name: str
@@ -87,6 +91,9 @@ class ModelFamily:
     cross_tokens: int
     nominal_params: float
     is_video: bool
+    text_encoders: Tuple[str, ...] = ()
+    vae: str = "sd"
+    skip_reshape: bool = False
 
     @property
     def dim(self) -> int:
@@ -104,174 +111,61 @@ class ModelFamily:
         return asdict(self)
 
 
-def _dit(
-    name: str,
-    display: str,
-    *,
-    vae: Tuple[int, int, int],
-    patch: Tuple[int, int, int],
-    heads: int,
-    head_dim: int,
-    ffn_dim: int,
-    blocks: int,
-    joint_text_tokens: int = 0,
-    cross_tokens: int = 0,
-    params: float,
-) -> ModelFamily:
-    """A single-stage transformer. ``vae`` is ``(temporal, spatial, channels)``."""
-    temporal, spatial, channels = vae
+# VAE of a family: ((frames, pixels per latent pixel, latent channels), key in ``encoders.VAES``).
+_WAN21_VAE = ((4, 8, 16), "wan2.1")
+_WAN22_VAE = ((4, 16, 48), "wan2.2")
+_LTXV_VAE = ((8, 32, 128), "ltxv")
+_HUNYUAN_VAE = ((4, 8, 16), "hunyuanvideo")
+_FLUX_VAE = ((1, 8, 16), "sd")
+_QWEN_VAE = ((1, 8, 16), "wan2.1")
+_P122 = (1, 2, 2)
+_P111 = (1, 1, 1)
+_UMT5 = ("umt5-xxl",)
+_T5 = ("t5-xxl",)
+
+# Single-stage transformers (DiT / MMDiT), one row each:
+# name: (display, VAE, patch, (heads, head_dim, ffn_dim, blocks), joint text tokens, cross tokens, params,
+#        text encoders, skip_reshape)
+_DITS: Dict[str, tuple] = {
+    "wan2.1-1.3b": ("Wan 2.1 T2V 1.3B", _WAN21_VAE, _P122, (12, 128, 8960, 30), 0, 512, 1.3e9, _UMT5, False),
+    "wan2.1-14b": ("Wan 2.1 T2V/I2V 14B", _WAN21_VAE, _P122, (40, 128, 13824, 40), 0, 512, 14e9, _UMT5, False),
+    "wan2.2-5b": ("Wan 2.2 TI2V 5B", _WAN22_VAE, _P122, (24, 128, 14336, 30), 0, 512, 5e9, _UMT5, False),
+    "wan2.2-14b": (
+        "Wan 2.2 T2V/I2V A14B (per expert)", _WAN21_VAE, _P122, (40, 128, 13824, 40), 0, 512, 14e9, _UMT5, False
+    ),
+    "ltxv-2b": ("LTX-Video 2B (0.9.x)", _LTXV_VAE, _P111, (32, 64, 4 * 2048, 28), 0, 128, 2e9, _T5, False),
+    "ltxv-13b": ("LTX-Video 13B (0.9.7+)", _LTXV_VAE, _P111, (32, 128, 4 * 4096, 48), 0, 128, 13e9, _T5, False),
+    "hunyuanvideo": (
+        "HunyuanVideo 13B", _HUNYUAN_VAE, _P122, (24, 128, 4 * 3072, 60), 256, 0, 13e9, ("llama-3-8b", "clip-l"), True
+    ),
+    "flux": ("Flux.1 dev", _FLUX_VAE, _P122, (24, 128, 4 * 3072, 57), 256, 0, 12e9, ("clip-l", "t5-xxl"), True),
+    "qwen-image": ("Qwen-Image 20B", _QWEN_VAE, _P122, (24, 128, 4 * 3072, 60), 256, 0, 20e9, ("qwen2.5-vl-7b",), True),
+}
+
+
+def _dit(name: str, row: tuple) -> ModelFamily:
+    """A single-stage transformer from its :data:`_DITS` row."""
+    display, ((temporal, spatial, channels), vae_key), patch, stage, joint, cross, params, encoders, skip = row
     return ModelFamily(
-        name=name,
-        display=display,
-        vae_spatial=spatial,
-        vae_temporal=temporal,
-        latent_channels=channels,
-        patch=patch,
-        stages=(AttentionStage(1, heads, head_dim, ffn_dim, blocks),),
-        ffn_kind="gelu",
-        joint_text_tokens=joint_text_tokens,
-        cross_tokens=cross_tokens,
-        nominal_params=params,
-        is_video=temporal > 1,
+        name, display, spatial, temporal, channels, patch, (AttentionStage(1, *stage),), "gelu", joint, cross,
+        params, temporal > 1, encoders, vae_key, skip,
     )
 
 
 def _sdxl() -> ModelFamily:
     # Levels with transformers: channel_mult 2 (640 ch, 10 heads) at /2 and 4 (1280 ch, 20 heads) at /4.
     # Depths: input 2+2 and output 2+2+2 at /2; input 10+10, middle 10, output 10+10+10 at /4.
+    stages = (
+        AttentionStage(downsample=2, heads=10, head_dim=64, ffn_dim=4 * 640, blocks=10),
+        AttentionStage(downsample=4, heads=20, head_dim=64, ffn_dim=4 * 1280, blocks=60),
+    )
     return ModelFamily(
-        name="sdxl",
-        display="SDXL 1.0 UNet",
-        vae_spatial=8,
-        vae_temporal=1,
-        latent_channels=4,
-        patch=(1, 1, 1),
-        stages=(
-            AttentionStage(downsample=2, heads=10, head_dim=64, ffn_dim=4 * 640, blocks=10),
-            AttentionStage(downsample=4, heads=20, head_dim=64, ffn_dim=4 * 1280, blocks=60),
-        ),
-        ffn_kind="geglu",
-        joint_text_tokens=0,
-        cross_tokens=77,
-        nominal_params=2.6e9,
-        is_video=False,
+        "sdxl", "SDXL 1.0 UNet", 8, 1, 4, _P111, stages, "geglu", 0, 77, 2.6e9, False, ("clip-l", "clip-g"), "sd"
     )
 
 
 def _build() -> Dict[str, ModelFamily]:
-    wan21_vae = (4, 8, 16)
-    wan22_vae = (4, 16, 48)
-    families: List[ModelFamily] = [
-        _dit(
-            "wan2.1-1.3b",
-            "Wan 2.1 T2V 1.3B",
-            vae=wan21_vae,
-            patch=(1, 2, 2),
-            heads=12,
-            head_dim=128,
-            ffn_dim=8960,
-            blocks=30,
-            cross_tokens=512,
-            params=1.3e9,
-        ),
-        _dit(
-            "wan2.1-14b",
-            "Wan 2.1 T2V/I2V 14B",
-            vae=wan21_vae,
-            patch=(1, 2, 2),
-            heads=40,
-            head_dim=128,
-            ffn_dim=13824,
-            blocks=40,
-            cross_tokens=512,
-            params=14e9,
-        ),
-        _dit(
-            "wan2.2-5b",
-            "Wan 2.2 TI2V 5B",
-            vae=wan22_vae,
-            patch=(1, 2, 2),
-            heads=24,
-            head_dim=128,
-            ffn_dim=14336,
-            blocks=30,
-            cross_tokens=512,
-            params=5e9,
-        ),
-        _dit(
-            "wan2.2-14b",
-            "Wan 2.2 T2V/I2V A14B (per expert)",
-            vae=wan21_vae,
-            patch=(1, 2, 2),
-            heads=40,
-            head_dim=128,
-            ffn_dim=13824,
-            blocks=40,
-            cross_tokens=512,
-            params=14e9,
-        ),
-        _dit(
-            "ltxv-2b",
-            "LTX-Video 2B (0.9.x)",
-            vae=(8, 32, 128),
-            patch=(1, 1, 1),
-            heads=32,
-            head_dim=64,
-            ffn_dim=4 * 2048,
-            blocks=28,
-            cross_tokens=128,
-            params=2e9,
-        ),
-        _dit(
-            "ltxv-13b",
-            "LTX-Video 13B (0.9.7+)",
-            vae=(8, 32, 128),
-            patch=(1, 1, 1),
-            heads=32,
-            head_dim=128,
-            ffn_dim=4 * 4096,
-            blocks=48,
-            cross_tokens=128,
-            params=13e9,
-        ),
-        _dit(
-            "hunyuanvideo",
-            "HunyuanVideo 13B",
-            vae=(4, 8, 16),
-            patch=(1, 2, 2),
-            heads=24,
-            head_dim=128,
-            ffn_dim=4 * 3072,
-            blocks=60,
-            joint_text_tokens=256,
-            params=13e9,
-        ),
-        _dit(
-            "flux",
-            "Flux.1 dev",
-            vae=(1, 8, 16),
-            patch=(1, 2, 2),
-            heads=24,
-            head_dim=128,
-            ffn_dim=4 * 3072,
-            blocks=57,
-            joint_text_tokens=256,
-            params=12e9,
-        ),
-        _dit(
-            "qwen-image",
-            "Qwen-Image 20B",
-            vae=(1, 8, 16),
-            patch=(1, 2, 2),
-            heads=24,
-            head_dim=128,
-            ffn_dim=4 * 3072,
-            blocks=60,
-            joint_text_tokens=256,
-            params=20e9,
-        ),
-        _sdxl(),
-    ]
+    families: List[ModelFamily] = [_dit(name, row) for name, row in _DITS.items()] + [_sdxl()]
     return {f.name: f for f in families}
 
 

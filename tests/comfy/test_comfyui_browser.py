@@ -1,8 +1,11 @@
 """Headless Chromium against a real ComfyUI server serving its pinned frontend: after a run, every NoFlash node
-carries the badge (active tier, peak memory) and the NoFlash bottom-panel tab lists the run.
+carries the badge (active tier, peak memory), the NoFlash bottom-panel tab lists the run, and the VRAM Probe draws
+its picture (bars against the card's VRAM, a verdict), keeps it across a page reload and shows the full report on
+demand. The example workflows load as templates with thumbnails and offer their models in the missing-models dialog.
 
-Needs ``COMFYUI_PATH``, Chromium (``/usr/bin/chromium`` or ``CHROMIUM``) and the frontend package. The screenshot is
-written to ``docs/badge.png`` when ``NOFLASH_SCREENSHOT`` is ``1`` (or to the test's temp dir otherwise).
+Needs ``COMFYUI_PATH``, Chromium (``/usr/bin/chromium`` or ``CHROMIUM``) and the frontend package. The screenshots
+are written to ``docs/badge.png`` and ``docs/probe.png`` when ``NOFLASH_SCREENSHOT`` is ``1`` (or to the test's temp
+dir otherwise).
 The browser is driven over the DevTools protocol with aiohttp (a ComfyUI dependency), so nothing else is needed.
 """
 
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -56,6 +60,15 @@ def _wait_http(url: str, deadline: float, proc: subprocess.Popen, what: str):
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.5)
     raise TimeoutError(f"{what} did not answer {url}")
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _workflow(unet: str, clip: str) -> dict:
@@ -96,12 +109,13 @@ def _workflow(unet: str, clip: str) -> dict:
          [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
           ("latent_image", "LATENT")], [("LATENT", "LATENT")])
     node(9, "SaveLatent", (1040, 360), (280, 58), ["latents/noflash_badge"], [("samples", "LATENT")])
-    node(10, "NoFlashVRAMProbe", (1360, 60), (560, 560), [1024, 1024, 1, 1, "flux"], [("model", "MODEL")],
-         [("report", "STRING")])
+    node(10, "NoFlashVRAMProbe", (1360, 60), (480, 560), [1536, 1536, 1, 1, "flux", "gfx1030", 0, "auto", 256],
+         [("model", "MODEL"), ("clip", "CLIP")], [("report", "STRING")])
     link(1, 0, 2, "model")
     link(2, 0, 3, "model")
     link(3, 0, 8, "model")
     link(2, 0, 10, "model")
+    link(4, 0, 10, "clip")
     link(4, 0, 5, "clip")
     link(4, 0, 6, "clip")
     link(5, 0, 8, "positive")
@@ -141,7 +155,12 @@ class _DevTools:
     async def wait_js(self, expression: str, timeout: float, what: str):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            value = await self.js(expression)
+            try:
+                value = await self.js(expression)
+            except RuntimeError as exc:  # the page is navigating (a reload): ask again
+                if "navigated" not in str(exc) and "context" not in str(exc):
+                    raise
+                value = None
             if value:
                 return value
             await asyncio.sleep(0.5)
@@ -181,7 +200,80 @@ async def _check_examples(dt) -> dict:
     return seen
 
 
-async def _drive_browser(devtools_port: int, url: str, workflow: dict, screenshot: str) -> dict:
+_READY_JS = ("!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app && "
+             "window.comfyAPI.app.app.vueAppReady && window.comfyAPI.app.app.graph && "
+             "window.comfyAPI.app.app.extensions.some((e) => e.name === 'noflash.status'))")
+
+# The probe node's estimate (kept in its properties), its chart widget, and its size.
+_PROBE_JS = """
+(() => {
+  const graph = window.comfyAPI?.app?.app?.graph;
+  const n = graph && graph._nodes.find((x) => x.comfyClass === 'NoFlashVRAMProbe');
+  const e = n && n.properties && n.properties.noflash_estimate;
+  if (!e || !e.components || !e.components.length) return null;
+  return {verdict: e.verdict, verdict_text: e.verdict_text, vram: e.vram_bytes, device: e.device.key,
+          components: e.components.map((c) => [c.name, c.bytes]), text: e.text,
+          widgets: n.widgets.map((w) => w.name), size: [...n.size],
+          saved: n.serialize().properties.noflash_estimate ? true : false,
+          widgets_values: n.serialize().widgets_values};
+})()
+"""
+
+
+async def _probe_screenshot(dt, path: str) -> None:
+    """Close the bottom panel, bring the probe node to the top left at zoom 1 and capture just it."""
+    await dt.js("window.comfyAPI.app.app.extensionManager.command.execute("
+                "'Workspace.ToggleBottomPanelTab.noflash-runs').then(() => true)")
+    rect = await dt.js("""
+(() => {
+  const app = window.comfyAPI.app.app;
+  const n = app.graph._nodes.find((x) => x.comfyClass === 'NoFlashVRAMProbe');
+  app.canvas.ds.scale = 1;
+  app.canvas.ds.offset = [-n.pos[0] + 30, -n.pos[1] + 50];
+  app.graph.setDirtyCanvas(true, true);
+  const r = app.canvas.canvas.getBoundingClientRect();
+  return {x: r.left + 10, y: r.top + 10, width: n.size[0] + 40, height: n.size[1] + 60};
+})()""")
+    await dt.js("new Promise((r) => setTimeout(() => r(true), 800))")
+    shot = await dt.send("Page.captureScreenshot", format="png", clip={**rect, "scale": 1})
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+
+
+async def _toggle_report(dt) -> dict:
+    """Press the probe's "show full report" button twice: the node grows to show the text, then shrinks back."""
+    press = """
+(() => {
+  const n = window.comfyAPI.app.app.graph._nodes.find((x) => x.comfyClass === 'NoFlashVRAMProbe');
+  const b = n.widgets.find((w) => w.type === 'button');
+  const before = n.size[1];
+  b.callback(b, window.comfyAPI.app.app.canvas, n);
+  return {label: b.name, show: !!n.properties.noflash_show_report, before, after: n.size[1]};
+})()"""
+    opened = await dt.js(press)
+    await dt.js("new Promise((r) => setTimeout(() => r(true), 300))")
+    closed = await dt.js(press)
+    return {"opened": opened, "closed": closed}
+
+
+async def _missing_models_dialog(dt) -> str:
+    """Load the Qwen-Image example with ComfyUI's missing-models warning on: the dialog lists its files."""
+    path = next(p for p in _EXAMPLES if os.path.basename(p).startswith("Qwen"))
+    with open(path, encoding="utf-8") as f:
+        wf = json.load(f)
+    await dt.js("window.comfyAPI.app.app.extensionManager.setting.set("
+                "'Comfy.Workflow.ShowMissingModelsWarning', true).then(() => true)")
+    await dt.js(f"window.comfyAPI.app.app.loadGraphData({json.dumps(wf)}, true, true, null, "
+                "{showMissingNodesDialog: false, showMissingModelsDialog: true}).then(() => true)")
+    text = await dt.wait_js("(() => { const d = [...document.querySelectorAll('[role=dialog], .p-dialog')]"
+                            ".map((x) => x.innerText).join('\\n'); "
+                            "return d.includes('qwen_image_fp8_e4m3fn.safetensors') ? d : null; })()",
+                            30, "the missing-models dialog")
+    await dt.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+    return text
+
+
+async def _drive_browser(devtools_port: int, url: str, workflow: dict, screenshot: str, probe_shot: str) -> dict:
     import aiohttp
 
     targets = _get_json(f"http://127.0.0.1:{devtools_port}/json/list")
@@ -194,10 +286,7 @@ async def _drive_browser(devtools_port: int, url: str, workflow: dict, screensho
                           mobile=False)
             await dt.send("Page.navigate", url=url)
             # vueAppReady is set once setup() finished: node definitions registered, extensions' setup() ran.
-            await dt.wait_js("!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app && "
-                             "window.comfyAPI.app.app.vueAppReady && window.comfyAPI.app.app.graph && "
-                             "window.comfyAPI.app.app.extensions.some((e) => e.name === 'noflash.status'))",
-                             90, "the ComfyUI frontend with the noflash extension")
+            await dt.wait_js(_READY_JS, 90, "the ComfyUI frontend with the noflash extension")
             # Node definitions may still be registering: load until every node knows its class.
             load = (f"window.comfyAPI.app.app.loadGraphData({json.dumps(workflow)}, true, true, null, "
                     "{showMissingNodesDialog: false, showMissingModelsDialog: false}).then(() => "
@@ -220,16 +309,22 @@ async def _drive_browser(devtools_port: int, url: str, workflow: dict, screensho
             panel = await dt.wait_js("(() => { const t = [...document.querySelectorAll('table')].find((x) => "
                                      "x.textContent.includes('Longest seq')); return t ? t.innerText : null; })()",
                                      20, "the NoFlash bottom-panel table")
-            probe_text = await dt.wait_js(
-                "(() => { const n = window.comfyAPI.app.app.graph._nodes.find((x) => x.comfyClass === "
-                "'NoFlashVRAMProbe'); const w = n && n.widgets && n.widgets.find((x) => x.name === "
-                "'noflash_report'); return w ? w.value : null; })()", 20, "the VRAM Probe report on its node")
+            probe = await dt.wait_js(_PROBE_JS, 30, "the VRAM Probe's estimate on its node")
             await dt.js("new Promise((r) => { window.comfyAPI.app.app.graph.setDirtyCanvas(true, true); "
                         "setTimeout(() => r(true), 800); })")
             shot = await dt.send("Page.captureScreenshot", format="png")
             with open(screenshot, "wb") as f:
                 f.write(base64.b64decode(shot["data"]))
-            return {"before": before, "badges": badges, "panel": panel, "probe": probe_text, "examples": examples}
+            await _probe_screenshot(dt, probe_shot)
+            report = await _toggle_report(dt)
+            # A page reload restores the workflow from the browser's storage: the picture comes back with it.
+            await dt.js("window.__noflashBeforeReload = true")
+            await dt.send("Page.reload")
+            await dt.wait_js(f"!window.__noflashBeforeReload && {_READY_JS}", 90, "the frontend after a reload")
+            reloaded = await dt.wait_js(_PROBE_JS, 30, "the VRAM Probe's estimate after a reload")
+            missing = await _missing_models_dialog(dt)
+            return {"before": before, "badges": badges, "panel": panel, "probe": probe, "examples": examples,
+                    "report": report, "reloaded": reloaded, "missing": missing}
 
 
 @pytest.fixture(scope="module")
@@ -268,11 +363,7 @@ def server(tmp_path_factory):
                    "ComfyUI")
         yield {"url": f"http://127.0.0.1:{port}/", "base": base, "log": log.name}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc, timeout=20)
         log.close()
 
 
@@ -291,19 +382,16 @@ def test_badge_and_panel_after_a_run(server, tmp_path):
          "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    screenshot = (os.path.join(REPO_ROOT, "docs", "badge.png") if os.environ.get("NOFLASH_SCREENSHOT") == "1"
-                  else str(tmp_path / "badge.png"))
+    docs = os.environ.get("NOFLASH_SCREENSHOT") == "1"
+    screenshot = os.path.join(REPO_ROOT, "docs", "badge.png") if docs else str(tmp_path / "badge.png")
+    probe_shot = os.path.join(REPO_ROOT, "docs", "probe.png") if docs else str(tmp_path / "probe.png")
     os.makedirs(os.path.dirname(screenshot), exist_ok=True)
     try:
         _wait_http(f"http://127.0.0.1:{devtools_port}/json/version", time.time() + 30, browser, "Chromium")
         workflow = _workflow("tiny_sd3.safetensors", "tiny_clip_l.safetensors")
-        seen = asyncio.run(_drive_browser(devtools_port, server["url"], workflow, screenshot))
+        seen = asyncio.run(_drive_browser(devtools_port, server["url"], workflow, screenshot, probe_shot))
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
+        _stop(browser, timeout=10)
         shutil.rmtree(profile, ignore_errors=True)
 
     types = sorted(n["type"] for n in seen["badges"])
@@ -315,11 +403,29 @@ def test_badge_and_panel_after_a_run(server, tmp_path):
         ours = [t for t in n["badges"] if t.startswith(("noflash ", "noflash:"))]
         assert ours == ["noflash T2 | peak n/a (CPU)"], n  # pinned tier 2; CPU has no peak counter
     assert "SD3" in seen["panel"] and "T2\u00d7" in seen["panel"]
-    assert "Device: " in seen["probe"] and "Last run" in seen["probe"]
     assert os.path.getsize(screenshot) > 10_000
+    # The VRAM Probe's picture: the estimate arrived as data, is drawn by the chart widget and saved with the node.
+    probe = seen["probe"]
+    assert probe["device"] == "gfx1030" and probe["vram"] == 16 * 2**30 and probe["verdict"] in ("fits", "noflash")
+    names = [name for name, _ in probe["components"]]
+    assert names[:5] == ["weights", "activations", "attention_comfy", "attention_noflash", "ffn"]
+    assert {"text_comfy", "text_noflash", "vae_comfy", "vae_noflash"} <= set(names)
+    assert "noflash_chart" in probe["widgets"] and probe["saved"]
+    assert probe["widgets_values"] == [1536, 1536, 1, 1, "flux", "gfx1030", 0, "auto", 256]  # ours don't serialize
+    # The connected CLIP holds CLIP-L only (Flux's own pair would add T5-XXL); 256 tokens are four 77-token chunks.
+    assert "CLIP-L: 4 x 77 tokens" in probe["text"] and "T5-XXL" not in probe["text"] and "Last run" in probe["text"]
+    assert os.path.getsize(probe_shot) > 5_000
+    # The full report only on demand; the picture survives a page reload.
+    opened, closed = seen["report"]["opened"], seen["report"]["closed"]
+    assert opened["show"] and opened["label"] == "hide full report" and opened["after"] > opened["before"] + 200
+    assert not closed["show"] and closed["label"] == "show full report" and closed["after"] < opened["after"]
+    assert seen["reloaded"]["components"] == probe["components"]
+    for file in ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                 "qwen_image_vae.safetensors"):
+        assert file in seen["missing"], seen["missing"][:2000]  # the missing-models dialog offers the download
     # The example workflows load in the real frontend: every node type is one the server has (MarkdownNote is the
     # frontend's own), and the widget values survive a load and re-serialize unchanged.
-    assert len(seen["examples"]) == 2
+    assert len(seen["examples"]) == 3
     server_nodes = _get_json(server["url"] + "object_info", timeout=30)
     for name, (wf, loaded) in seen["examples"].items():
         by_id = {n["id"]: n for n in loaded}
@@ -328,6 +434,13 @@ def test_badge_and_panel_after_a_run(server, tmp_path):
             assert got["type"] == node["type"], name
             assert node["type"] in server_nodes or node["type"] == "MarkdownNote", (name, node["type"])
             assert got["widgets"] == node.get("widgets_values", []), (name, node["type"], got["widgets"])
+    # Templates: readable names and a thumbnail each, served where the frontend looks for them.
+    templates = _get_json(server["url"] + "workflow_templates")["noflash"]
+    assert sorted(templates) == sorted(os.path.splitext(os.path.basename(p))[0] for p in _EXAMPLES)
+    for name in templates:
+        with urllib.request.urlopen(server["url"] + "api/workflow_templates/noflash/" +
+                                    urllib.parse.quote(name) + ".jpg", timeout=10) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 10_000
     runs = _get_json(server["url"] + "noflash/runs")["runs"]
     assert runs[-1]["state"] == "done" and runs[-1]["tiers"] == {"2": runs[-1]["calls"]}
     assert runs[-1]["node_id"] == "2"  # the Attention Patcher's node id, from ComfyUI's hidden unique_id

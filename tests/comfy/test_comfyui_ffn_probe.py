@@ -69,18 +69,22 @@ def test_vram_probe_returns_ui_text(comfy, tiny_wan):
     patched = comfy.node("NoFlashAttentionPatcher").execute(tiny_wan, True, 0, 0).result[0]
     _sample(patched, torch.zeros(1, 16, 2, 16, 16), positive, negative, steps=1)
 
-    out = probe.execute(1280, 704, 121, 1, "wan2.2-5b", tiny_wan)
+    out = probe.execute(1280, 704, 121, 1, "wan2.2-5b", device="gfx1030", model=tiny_wan)
     assert out.ui is not None and isinstance(out.ui["text"], list) and len(out.ui["text"]) == 1
     text = out.ui["text"][0]
     assert out.result[0] == text
-    for needle in ("Device: ", "VRAM: ", "Efficient SDPA kernel: ", "Last run #", "attention calls", "not tracked"):
+    for needle in ("Device: ", "Memory: system RAM", "Efficient SDPA kernel: ", "Last run #", "attention calls",
+                   "not tracked", "VERDICT: ", "planned for the gfx1030 profile"):
         assert needle in text, (needle, text)
     assert "Wan" in text or "wan" in text
 
-    no_model = probe.execute(1024, 1024, 1, 1, "from model", None).ui["text"][0]
-    assert "connect a MODEL or pick a family" in no_model
+    assert out.ui["noflash_estimate"][0]["verdict"] in ("fits", "noflash", "no")
 
-    unknown = probe.execute(512, 512, 1, 1, "from model", tiny_wan).ui["text"][0]
+    no_model = probe.execute(1024, 1024, 1, 1, "from model").ui
+    assert "connect a MODEL or pick a family" in no_model["text"][0]
+    assert no_model["noflash_estimate"][0]["components"] == []  # the browser shows "queue to get an estimate"
+
+    unknown = probe.execute(512, 512, 1, 1, "from model", model=tiny_wan).ui["text"][0]
     assert "no shape table for WAN21" in unknown  # the tiny test Wan (dim 256) matches no real Wan
 
     fingerprint = probe.fingerprint_inputs()

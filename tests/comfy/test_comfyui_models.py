@@ -110,6 +110,20 @@ def test_sd3_joint_attention_is_patched(comfy, tiny_sd3):
     assert run["max_q_len"] == 77 + 64
 
 
+def test_a_clone_of_a_patched_model_shares_the_override_and_its_run_history(comfy, tiny_wan):
+    # Other nodes clone the patched model; ModelPatcher.clone() deep-copies model_options. The override must stay
+    # the same object, and the clone's calls must reach the run history the Attention Patcher reports.
+    patched = _patch(comfy, tiny_wan)
+    clone = patched.clone()
+    assert clone.model_options is not patched.model_options
+    override = patched.model_options["transformer_options"][OVERRIDE]
+    assert clone.model_options["transformer_options"][OVERRIDE] is override
+    positive, negative = wan_conditioning()
+    _sample(clone, torch.zeros(1, 16, 2, 16, 16), positive, negative, steps=1, cfg=1.0)
+    run = _last_run(comfy)
+    assert run["state"] == "done" and run["calls"] == 4 and "comfy" not in run["tiers"], run
+
+
 def test_tier_selector_patches_a_model_that_has_no_patch(comfy, tiny_wan):
     override_mod = comfy.module("noflash_core.comfy.override")
     pinned = _pin(comfy, tiny_wan, "1")

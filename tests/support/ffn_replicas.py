@@ -379,36 +379,50 @@ class SparseBlock(nn.Module):
         self.ws = nn.ModuleList(LlamaMLP(dim) for _ in range(2))
 
 
-class BatchNormMlp(nn.Module):
+class _MlpAroundMiddle(nn.Module):
+    """Linear, a middle module over the hidden channels of the whole sequence (channels first), GELU, Linear.
+
+    Subclasses name the middle module (``middle_name``) and build it (``middle``), as the replicated models do.
+    """
+
+    middle_name = "middle"
+
     def __init__(self, dim: int = D, hidden: int = H) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
+        setattr(self, self.middle_name, self.middle(hidden))
         self.fc2 = nn.Linear(hidden, dim)
 
+    @staticmethod
+    def middle(hidden: int) -> nn.Module:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.bn(self.fc1(x).transpose(1, 2)).transpose(1, 2)))
+        mixed = getattr(self, self.middle_name)(self.fc1(x).transpose(1, 2)).transpose(1, 2)
+        return self.fc2(F.gelu(mixed))
 
 
-class ConvMlp(nn.Module):
+class BatchNormMlp(_MlpAroundMiddle):
+    middle_name = "bn"
+    middle = staticmethod(nn.BatchNorm1d)
+
+
+class ConvMlp(_MlpAroundMiddle):
     """Linear, depthwise Conv1d over tokens, Linear (a "Mix-FFN")."""
 
-    def __init__(self, dim: int = D, hidden: int = H) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv1d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+    middle_name = "dwconv"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.dwconv(self.fc1(x).transpose(1, 2)).transpose(1, 2)))
+    @staticmethod
+    def middle(hidden: int) -> nn.Module:
+        return nn.Conv1d(hidden, hidden, 3, padding=1, groups=hidden)
 
 
-class GroupNormMlp(nn.Module):
-    def __init__(self, dim: int = D, hidden: int = H) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.norm = nn.GroupNorm(4, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+class GroupNormMlp(_MlpAroundMiddle):
+    middle_name = "norm"
+
+    @staticmethod
+    def middle(hidden: int) -> nn.Module:
+        return nn.GroupNorm(4, hidden)
 
 
 class ContextMlp(nn.Module):

@@ -12,15 +12,15 @@ Modes:
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 
 import noflash_core
-from noflash_core import telemetry
+
+from .tiers import TierLog
 
 __all__ = ["AUTO_BUDGET_MB", "MODES", "RouteThrough", "assert_close_to_float64"]
 
@@ -33,16 +33,17 @@ _EPS32 = torch.finfo(torch.float32).eps
 
 
 class RouteThrough:
-    """Context manager: torch's SDPA goes through noflash in ``mode``; ``records`` collects the CallRecords."""
+    """Context manager: torch's SDPA goes through noflash in ``mode``; ``records`` collects the telemetry records."""
 
     def __init__(self, mode: Union[str, int], block: int = 16) -> None:
         self.mode = mode
         self.block = block
-        self.records: List[telemetry.CallRecord] = []
+        self._log = TierLog()
+        self.records: List[Any] = self._log.records
         self._saved_env: Optional[str] = None
 
     def __enter__(self) -> RouteThrough:
-        self._unsubscribe = telemetry.subscribe(self.records.append)
+        self._log.__enter__()
         if self.mode == "auto":
             self._saved_env = os.environ.get("NOFLASH_BUDGET_MB")
             os.environ["NOFLASH_BUDGET_MB"] = AUTO_BUDGET_MB
@@ -57,7 +58,7 @@ class RouteThrough:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._unsubscribe()
+        self._log.__exit__(*exc)
         if self.mode == "auto":
             self._ctx.__exit__(*exc)
             if self._saved_env is None:
@@ -69,9 +70,9 @@ class RouteThrough:
 
     def by_tier(self) -> Dict[int, int]:
         """Number of calls per tier (0 = torch's own SDPA)."""
-        return dict(collections.Counter(r.tier for r in self.records))
+        return self._log.by_tier()
 
-    def tiled(self) -> List[telemetry.CallRecord]:
+    def tiled(self) -> List[Any]:
         """The records of calls that ran a noflash tier."""
         return [r for r in self.records if r.tier != 0]
 

@@ -1,0 +1,124 @@
+"""CLIP Patcher and VAE Patcher: CLIP → CLIP and VAE → VAE clones whose attention runs noflash's exact tiles.
+
+Both only add object patches to a clone's ``ModelPatcher``; ComfyUI applies them while that clone is loaded and
+puts the originals back when another clone of the same model loads. The logic lives in
+``noflash_core.comfy.clip`` and ``noflash_core.comfy.vae``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from comfy_api.latest import io
+
+from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
+from ..noflash_core.comfy.override import OverrideConfig
+from ..noflash_core.comfy.vae import VAE_ATTENTION_ATTR, VAEAttention, vae_attention_names
+from ._schema import node_schema
+
+__all__ = ["ENCODE_KEY", "NoFlashCLIPPatcher", "NoFlashVAEPatcher", "clone_vae", "patch_clip", "patch_vae"]
+
+logger = logging.getLogger(__name__)
+
+_MIB = 1 << 20
+ENCODE_KEY = "encode_token_weights"
+
+
+def _config(enabled: bool, min_tokens: int, budget_mb: int) -> OverrideConfig:
+    return OverrideConfig(enabled=enabled, min_tokens=min_tokens,
+                          budget_bytes=budget_mb * _MIB if budget_mb > 0 else None)
+
+
+def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, min_tokens_tip: str) -> io.Schema:
+    """Schema of a ``name`` -> ``name`` patcher: the ``port`` input to clone, the routing settings, its clone."""
+    return node_schema(cls, display_name, [
+        port.Input(name, tooltip=f"The {kind} to patch (it is cloned, never mutated)."),
+        io.Boolean.Input("enabled", default=True,
+                         tooltip=f"Off leaves every attention call of the {kind} to ComfyUI's own attention."),
+        io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
+        io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
+                     tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
+                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM)."),
+    ], [port.Output(display_name=name)])
+
+
+def patch_clip(clip, config: OverrideConfig):
+    """A clone of ``clip`` whose encodes run the text encoder's attention on noflash's tiles."""
+    c = clip.clone()
+    encode = c.patcher.get_model_object(ENCODE_KEY)
+    if isinstance(encode, EncodeRouter):
+        encode = encode.encode  # replace an earlier CLIP Patcher's settings, keep what it wrapped
+    c.patcher.add_object_patch(ENCODE_KEY, EncodeRouter(encode, c.cond_stage_model, config))
+    return c
+
+
+def clone_vae(vae):
+    """A copy of a ComfyUI ``VAE`` that shares the model and has its own ``ModelPatcher`` clone.
+
+    ComfyUI 0.3.64's ``VAE`` has no ``clone()``; every attribute but ``patcher`` is shared read-only state.
+    """
+    n = copy.copy(vae)
+    n.patcher = vae.patcher.clone()
+    return n
+
+
+def patch_vae(vae, config: OverrideConfig):
+    """A clone of ``vae`` whose attention blocks run on noflash's tiles (``(clone, number of blocks)``)."""
+    n = clone_vae(vae)
+    stats = RouteStats()
+    names = vae_attention_names(n.first_stage_model)
+    for name in names:
+        key = f"{name}.{VAE_ATTENTION_ATTR}"
+        previous = n.patcher.get_model_object(key)
+        if isinstance(previous, VAEAttention):
+            previous = previous.previous
+        n.patcher.add_object_patch(key, VAEAttention(previous, config, stats))
+    n.noflash_stats = stats
+    return n, len(names)
+
+
+class NoFlashCLIPPatcher(io.ComfyNode):
+    """Returns a clone of the CLIP whose text-encoder attention (CLIP-L/G, T5/UMT5, BERT, the
+    Llama/Qwen/Gemma encoders, the Qwen-VL vision tower) runs noflash's exact O(N)-memory tiles instead
+    of attention_basic's full score matrix. The patch exists only while the clone encodes; the input
+    CLIP and its other clones are not changed."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _patcher_schema(
+            cls, "NoFlash CLIP Patcher", io.Clip, "clip", "text encoder", "Calls whose longer side (query or key "
+            "tokens) is below this use ComfyUI's own attention. CLIP's 77 tokens are below the default; set 0 to "
+            "route every call.",
+        )
+
+    @classmethod
+    def execute(cls, clip, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
+        patched = patch_clip(clip, _config(enabled, min_tokens, budget_mb))
+        logger.info("noflash: CLIP Patcher routes %d text-encoder attention modules (min_tokens=%d)",
+                    len(attention_module_names(patched.cond_stage_model)), min_tokens)
+        return io.NodeOutput(patched)
+
+
+class NoFlashVAEPatcher(io.ComfyNode):
+    """Returns a clone of the VAE whose attention blocks (the AttnBlock of
+    SD/SDXL/Flux/Z-Image/HunyuanVideo VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs) run
+    noflash's exact tiles instead of split attention's N x N score slices. Tiled decode works as before. The
+    input VAE is not changed."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _patcher_schema(
+            cls, "NoFlash VAE Patcher", io.Vae, "vae", "VAE", "Attention blocks with fewer tokens (latent pixels "
+            "per frame at the block) use ComfyUI's own attention. 1536x1536 has 36,864 at the mid-block.",
+        )
+
+    @classmethod
+    def execute(cls, vae, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
+        patched, blocks = patch_vae(vae, _config(enabled, min_tokens, budget_mb))
+        if blocks == 0:
+            logger.info("noflash: VAE Patcher found no attention block in %s; the VAE is unchanged",
+                        type(vae.first_stage_model).__name__)
+        else:
+            logger.info("noflash: VAE Patcher routes %d VAE attention blocks (min_tokens=%d)", blocks, min_tokens)
+        return io.NodeOutput(patched)

@@ -1,0 +1,163 @@
+// The VRAM Probe's picture as pure layout: no DOM, no ComfyUI imports (tested with node --test). noflash.js draws it.
+//
+// The data is what the node sends as ui.noflash_estimate[0] (noflash_core/video/report.py, chart()):
+// { version, title, device: {key, description, kind, simulated, note}, vram_bytes, verdict: "fits"|"noflash"|"no"|null,
+//   verdict_text, advice, precision, components: [{name, label, bytes, kind: "part"|"total", phase, path, fits, detail}],
+//   text }
+
+import { formatBytes } from "./noflash_format.js";
+
+export const CHART = Object.freeze({
+  pad: 10,
+  verdictLineHeight: 16,
+  verdictCharWidth: 6.7,
+  captionHeight: 16,
+  rowHeight: 17,
+  groupGap: 8,
+  footerHeight: 18,
+  reportLineHeight: 12,
+  labelShare: 0.44,
+  maxOverVram: 1.6, // the scale never reaches past 1.6x the card's VRAM: longer bars are clipped and marked
+});
+
+export const COLORS = Object.freeze({
+  comfy: "#d9822b",
+  noflash: "#2f80ed",
+  part: "#7d8590",
+  vram: "#e5e5e5",
+  over: "#e5484d",
+  text: "#dddddd",
+  dim: "#9aa0a6",
+});
+
+const VERDICTS = {
+  fits: { bg: "#1f7a4d", fg: "#ffffff", icon: "\u2714" },
+  noflash: { bg: "#b7791f", fg: "#ffffff", icon: "\u25b2" },
+  no: { bg: "#b42318", fg: "#ffffff", icon: "\u2716" },
+};
+
+export function verdictStyle(verdict) {
+  return VERDICTS[verdict] ?? { bg: "#4a4f57", fg: "#e0e0e0", icon: "?" };
+}
+
+export function isEstimate(data) {
+  return !!data && typeof data === "object" && Array.isArray(data.components);
+}
+
+// The bars in display order: the denoise parts, then each phase's two totals (ComfyUI's attention, noflash).
+export function chartRows(data) {
+  if (!isEstimate(data)) return [];
+  const parts = data.components.filter((c) => c.kind !== "total");
+  const totals = data.components.filter((c) => c.kind === "total");
+  const rows = parts.map((c) => ({ ...c, group: "part" }));
+  let lastPhase = null;
+  for (const c of totals) {
+    rows.push({ ...c, group: "total", gapBefore: c.phase !== lastPhase });
+    lastPhase = c.phase;
+  }
+  return rows;
+}
+
+export function barColor(row) {
+  if (row.path === "comfy") return COLORS.comfy;
+  if (row.path === "noflash") return COLORS.noflash;
+  return COLORS.part;
+}
+
+// The byte value at the right end of the bar area.
+export function chartScale(data) {
+  const rows = chartRows(data);
+  const biggest = Math.max(1, ...rows.map((r) => r.bytes || 0));
+  const vram = data?.vram_bytes;
+  if (!vram) return biggest * 1.05;
+  return Math.max(vram * 1.12, Math.min(biggest * 1.05, vram * CHART.maxOverVram));
+}
+
+// Words of `text` in at most `maxLines` lines of `maxChars` characters (the last one cut with an ellipsis).
+export function wrapText(text, maxChars, maxLines = 2) {
+  const words = String(text ?? "").split(/\s+/).filter(Boolean);
+  const lines = [];
+  let line = "";
+  for (const word of words) {
+    const next = line ? `${line} ${word}` : word;
+    if (next.length <= maxChars || !line) {
+      line = next;
+    } else {
+      lines.push(line);
+      line = word;
+    }
+  }
+  if (line) lines.push(line);
+  if (lines.length <= maxLines) return lines.map((l) => fitText(l, maxChars));
+  const kept = lines.slice(0, maxLines);
+  kept[maxLines - 1] = fitText(`${kept[maxLines - 1]} ${lines.slice(maxLines).join(" ")}`, maxChars);
+  return kept;
+}
+
+// Geometry for a node `width` pixels wide. Report lines are laid out only when showReport is set.
+export function layoutChart(data, width, showReport = false) {
+  const w = Math.max(200, width || 0);
+  const rows = chartRows(data);
+  const labelW = Math.round((w - 2 * CHART.pad) * CHART.labelShare);
+  const x0 = CHART.pad + labelW + 6;
+  const barArea = Math.max(40, w - CHART.pad - x0 - 62);
+  const scale = chartScale(data);
+  const verdict = wrapText(verdictLine(data), Math.floor((w - 40) / CHART.verdictCharWidth), 2);
+  const pillHeight = 8 + verdict.length * CHART.verdictLineHeight;
+  const deviceY = pillHeight + 12;
+  let y = deviceY + 14;
+  const out = [];
+  const captions = [];
+  for (const r of rows) {
+    if (r.gapBefore) y += CHART.groupGap;
+    if (r.group === "total" && !captions.length) {
+      captions.push({ text: "peak per phase, weights included", y });
+      y += CHART.captionHeight;
+    }
+    const frac = (r.bytes || 0) / scale;
+    const clipped = frac > 1;
+    out.push({
+      label: r.label,
+      name: r.name,
+      y,
+      x: x0,
+      w: Math.max(1, Math.round(Math.min(1, frac) * barArea)),
+      clipped,
+      color: barColor(r),
+      valueText: formatBytes(r.bytes),
+      over: data.vram_bytes ? r.kind === "total" && r.bytes > data.vram_bytes : false,
+      kind: r.kind,
+      fits: r.fits,
+    });
+    y += CHART.rowHeight;
+  }
+  const vramX = data?.vram_bytes ? x0 + Math.round((data.vram_bytes / scale) * barArea) : null;
+  const barsBottom = y;
+  y += CHART.footerHeight;
+  const report = showReport && data?.text ? String(data.text).split("\n") : [];
+  const height = y + report.length * CHART.reportLineHeight + (report.length ? CHART.pad : 0);
+  return { width: w, height, labelX: CHART.pad, labelW, barX: x0, barArea, scale, rows: out, vramX, barsBottom,
+           footerY: barsBottom + 4, report, reportY: y, verdict, pillHeight, deviceY, captions };
+}
+
+// The one-line verdict shown at the top (the full advice is in the report).
+export function verdictLine(data) {
+  if (!isEstimate(data)) return "VRAM Probe: queue the workflow to get an estimate";
+  return data.verdict_text || "no verdict";
+}
+
+export function deviceLine(data) {
+  if (!isEstimate(data) || !data.device) return "";
+  const d = data.device;
+  const mem = data.vram_bytes ? formatBytes(data.vram_bytes) : "memory unknown";
+  const how = d.simulated ? "profile, simulated" : "this machine";
+  return `${d.key} \u00b7 ${mem} \u00b7 ${how}`;
+}
+
+// Middle-truncate text to `max` characters.
+export function fitText(text, max) {
+  const s = String(text ?? "");
+  if (s.length <= max) return s;
+  if (max <= 1) return s.slice(0, max);
+  return s.slice(0, max - 1) + "\u2026";
+}

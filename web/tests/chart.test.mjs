@@ -1,0 +1,94 @@
+import test from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+
+import {
+  CHART,
+  COLORS,
+  barColor,
+  chartRows,
+  chartScale,
+  deviceLine,
+  fitText,
+  isEstimate,
+  layoutChart,
+  verdictLine,
+  verdictStyle,
+  wrapText,
+} from "../noflash_chart.js";
+
+// Real estimates written by noflash_core.video.report.chart() (python -m noflash_core.video, same numbers).
+const fixture = (name) => JSON.parse(readFileSync(new URL(`./fixtures/${name}`, import.meta.url)));
+const flux = fixture("flux_1536_gfx1010.json");
+const wanArc = fixture("wan22_5b_arc.json");
+
+test("rows: the denoise parts, then two totals per phase", () => {
+  const rows = chartRows(flux);
+  const names = rows.map((r) => r.name);
+  assert.deepEqual(names.slice(0, 5), ["weights", "activations", "attention_comfy", "attention_noflash", "ffn"]);
+  assert.deepEqual(names.slice(5), ["denoise_comfy", "denoise_noflash", "text_comfy", "text_noflash", "vae_comfy",
+    "vae_noflash"]);
+  assert.equal(rows.filter((r) => r.gapBefore).length, 3);
+  assert.equal(barColor(rows[2]), COLORS.comfy);
+  assert.equal(barColor(rows[3]), COLORS.noflash);
+  assert.equal(barColor(rows[0]), COLORS.part);
+});
+
+test("scale: the VRAM line is inside the chart, huge bars are clipped", () => {
+  const lay = layoutChart(wanArc, 480);
+  assert.ok(lay.vramX > lay.barX && lay.vramX < lay.barX + lay.barArea);
+  const comfyAttention = lay.rows.find((r) => r.name === "attention_comfy");
+  assert.ok(comfyAttention.clipped, "66.8 GiB of math SDPA on a 16 GiB card is clipped");
+  assert.equal(comfyAttention.w, lay.barArea);
+  const denoiseComfy = lay.rows.find((r) => r.name === "denoise_comfy");
+  assert.ok(denoiseComfy.over);
+  assert.ok(!lay.rows.find((r) => r.name === "denoise_noflash").over);
+  assert.ok(chartScale(wanArc) <= wanArc.vram_bytes * CHART.maxOverVram + 1);
+});
+
+test("bars are proportional to bytes", () => {
+  const lay = layoutChart(flux, 600);
+  const a = lay.rows.find((r) => r.name === "vae_comfy");
+  const b = lay.rows.find((r) => r.name === "vae_noflash");
+  const ratio = flux.components.find((c) => c.name === "vae_comfy").bytes /
+    flux.components.find((c) => c.name === "vae_noflash").bytes;
+  assert.ok(Math.abs(a.w / b.w - ratio) < 0.05 * ratio);
+});
+
+test("verdict and device lines", () => {
+  assert.equal(verdictStyle(wanArc.verdict).icon, "\u25b2");
+  assert.match(verdictLine(wanArc), /only with noflash/);
+  assert.equal(deviceLine(wanArc), "arc \u00b7 16.0 GiB \u00b7 profile, simulated");
+  assert.equal(verdictStyle(null).icon, "?");
+  assert.match(verdictLine(null), /queue the workflow/);
+});
+
+test("the full report is laid out only on demand", () => {
+  const closed = layoutChart(flux, 480, false);
+  const open = layoutChart(flux, 480, true);
+  assert.equal(closed.report.length, 0);
+  assert.ok(open.report.length > 20 && open.height > closed.height + 20 * CHART.reportLineHeight);
+  assert.ok(open.report.some((l) => l.startsWith("VERDICT:")));
+});
+
+test("no estimate yet", () => {
+  assert.equal(isEstimate(null), false);
+  assert.equal(isEstimate({ components: [] }), true);
+  const lay = layoutChart(null, 300);
+  assert.equal(lay.rows.length, 0);
+  assert.equal(lay.vramX, null);
+});
+
+test("fitText", () => {
+  assert.equal(fitText("abcdef", 10), "abcdef");
+  assert.equal(fitText("abcdef", 4), "abc\u2026");
+});
+
+test("the verdict wraps to at most two lines", () => {
+  const lay = layoutChart(flux, 480);
+  assert.ok(lay.verdict.length >= 1 && lay.verdict.length <= 2);
+  assert.ok(lay.verdict.every((l) => l.length <= Math.floor((480 - 40) / CHART.verdictCharWidth)));
+  assert.equal(lay.captions.length, 1);
+  assert.deepEqual(wrapText("a b c", 3, 1), ["a \u2026"]);
+  assert.deepEqual(wrapText("aa bb cc", 5, 2), ["aa bb", "cc"]);
+});
