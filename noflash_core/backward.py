@@ -38,6 +38,7 @@ from .tiles import (
     head_index,
     mask_tile,
     row_blocks,
+    visible_keys,
 )
 
 __all__ = ["attention_backward"]
@@ -135,7 +136,7 @@ def _chunk_backward(
         lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf")) * masks.units
         dob = tm.operand(dout_b).reshape(hb, hh, g * bm, ev)
         dq_b = torch.zeros(hb, hh, g * bm, e, dtype=acc, device=device)
-        s_end = min(s, i1) if problem.is_causal else s  # later key blocks lie above the causal diagonal
+        s_end = visible_keys(i1, s, problem.is_causal)
         for j0 in range(0, s_end, block_n):
             j1 = min(s_end, j0 + block_n)
             bn = j1 - j0

@@ -30,6 +30,7 @@ from .tiles import (
     head_chunks,
     head_index,
     row_blocks,
+    visible_keys,
 )
 
 __all__ = ["tier1_forward"]
@@ -90,7 +91,7 @@ def _chunk_forward(
     heads = head_index(hb, hh, g, q.device, offset=chunk.first * g) if dropout is not None else None
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
-        s_end = min(s, i1) if problem.is_causal else s
+        s_end = visible_keys(i1, s, problem.is_causal)
         qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
         scores = tm.matmul(qb, kt[..., :s_end]).view(hb, hh, g, bm, s_end)
         masks.apply(scores, i0, i1, 0, s_end)

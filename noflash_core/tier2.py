@@ -32,6 +32,7 @@ from .tiles import (
     head_chunks,
     head_index,
     row_blocks,
+    visible_keys,
 )
 
 __all__ = ["tier2_forward"]
@@ -94,7 +95,7 @@ def _chunk_forward(
         acc = torch.zeros(hb, hh, g * bm, ev, dtype=acc_dtype, device=device)
         run_max = torch.full((hb, hh, g, bm, 1), NEG_INF, dtype=acc_dtype, device=device)
         run_sum = torch.zeros(hb, hh, g, bm, 1, dtype=acc_dtype, device=device)
-        s_end = min(s, i1) if problem.is_causal else s  # later key blocks lie above the causal diagonal
+        s_end = visible_keys(i1, s, problem.is_causal)
         for j0 in range(0, s_end, block_n):
             j1 = min(s_end, j0 + block_n)
             scores = tm.matmul(qb, kt[..., j0:j1]).view(hb, hh, g, bm, j1 - j0)

@@ -27,6 +27,7 @@ from .tiles import (
     head_chunks,
     head_index,
     row_blocks,
+    visible_keys,
     zero_dead_rows_,
 )
 
@@ -95,7 +96,7 @@ def _chunk_forward(
     heads = head_index(hb, hh, g, q.device, offset=chunk.first * g) if dropout is not None else None
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
-        s_end = min(s, i1) if problem.is_causal else s
+        s_end = visible_keys(i1, s, problem.is_causal)
         qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
         scores = scratch[: hb * hh * g * bm * s_end].view(hb, hh, g * bm, s_end)
         tm.matmul(qb, kt[..., :s_end], out=scores)

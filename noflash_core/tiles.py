@@ -40,9 +40,7 @@ __all__ = [
     "HeadChunk",
     "TileMasks",
     "TileMath",
-    "apply_tile_masks",
     "causal_tile",
-    "causal_tile_state",
     "dropout_keep_scale",
     "guard_dead_rows",
     "zero_dead_rows_",
@@ -50,6 +48,7 @@ __all__ = [
     "head_index",
     "mask_tile",
     "row_blocks",
+    "visible_keys",
 ]
 
 NEG_INF = float("-inf")
@@ -144,8 +143,11 @@ def causal_tile(i0: int, i1: int, j0: int, j1: int) -> CausalTile:
     return CausalTile.PARTIAL
 
 
-causal_tile_state = causal_tile
-"""The former name of :func:`causal_tile`."""
+
+def visible_keys(i1: int, s: int, is_causal: bool) -> int:
+    """The end of the keys that query rows below ``i1`` can see: ``min(S, i1)`` under top-left causal masking (key
+    blocks from there on are :attr:`CausalTile.HIDDEN` for the block), else ``S``."""
+    return min(s, i1) if is_causal else s
 
 
 def row_blocks(length: int, block_m: int, *, overlap_last: bool = False) -> Iterator[Tuple[int, int]]:
@@ -311,10 +313,15 @@ class TileMasks:
             else:
                 scores.add_(tile)
         if self.is_causal:
-            self.apply_causal(scores, i0, i1, j0, j1)
+            state = causal_tile(i0, i1, j0, j1)
+            if state is CausalTile.PARTIAL:
+                self.apply_causal(scores, i0, i1, j0, j1)
+            elif state is CausalTile.HIDDEN:  # the tiers never visit these; correct if one does
+                scores.fill_(NEG_INF)
 
     def apply_causal(self, scores: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
-        """Hide the positions right of the causal diagonal in a tile (nothing for a tile left of it)."""
+        """Hide the positions right of the causal diagonal in a :attr:`CausalTile.PARTIAL` tile: only its columns
+        from ``max(j0, i0 + 1)`` on, from a cached upper-triangular mask."""
         c0 = max(j0, i0 + 1)  # the first key some row of the tile cannot see
         if c0 >= j1:
             return
@@ -328,23 +335,6 @@ class TileMasks:
                 self._hidden.clear()
             self._hidden[key] = hidden
         scores[..., c0 - j0 :].masked_fill_(hidden, NEG_INF)
-
-
-def apply_tile_masks(
-    scores: torch.Tensor, mtile: Optional[torch.Tensor], causal_state: int, i0: int, j0: int
-) -> None:
-    """Mask a scores tile ``(B, H, G, bm, bn)`` in place: add a float mask tile, fill hidden positions with -inf.
-
-    A one-off form of :class:`TileMasks` (which the tiers use) for a tile whose mask slice is already cut.
-    """
-    if mtile is not None:
-        if mtile.dtype == torch.bool:
-            scores.masked_fill_(mtile.logical_not(), NEG_INF)
-        else:
-            scores.add_(mtile)
-    if causal_state == CausalTile.PARTIAL:
-        bm, bn = scores.shape[-2:]
-        TileMasks(None, True, scores.dtype).apply_causal(scores, i0, i0 + bm, j0, j0 + bn)
 
 
 # ---------------------------------------------------------------------------------------------- dropout
