@@ -13,6 +13,7 @@ Both ops work on the canonical layout of ``problem.py``.
 
 from __future__ import annotations
 
+import re
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -29,6 +30,24 @@ from .tiles import DropoutSpec
 __all__ = ["attention_forward_op", "run_forward"]
 
 Tensor = torch.Tensor
+
+
+def _op_namespace(package: str) -> str:
+    """``noflash`` for ``import noflash_core``; a namespace of its own for every other copy of the package.
+
+    A process can hold two copies: ``noflash_core`` and the node pack's ``<pack>.noflash_core`` inside ComfyUI.
+    Both defining ``noflash::attention_forward`` would make one copy's registration replace the other's, and when
+    that copy is garbage-collected its kernels are deregistered under the other copy's feet (a crash, not an
+    error). So each copy registers under its own namespace.
+    """
+    if package == "noflash_core":
+        return "noflash"
+    prefix = package[: -len(".noflash_core")] if package.endswith(".noflash_core") else package
+    return "noflash_" + re.sub(r"\W", "_", prefix).strip("_").lower()
+
+
+OP_NAMESPACE = _op_namespace(__name__.rpartition(".")[0])
+"""The torch op namespace of this copy's ops (``noflash`` for ``import noflash_core``)."""
 
 
 def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float):
@@ -59,7 +78,7 @@ def run_forward(
     raise ValueError(f"tier must be 1, 2 or 3, got {tier!r}")
 
 
-@torch.library.custom_op("noflash::attention_forward", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::attention_forward", mutates_args=())
 def attention_forward_op(
     q: Tensor,
     k: Tensor,
@@ -108,7 +127,7 @@ def _halved_blocks(block_m: int, block_n: int, block_h: int, pairs: int) -> Iter
         yield bm, bn, bh
 
 
-@torch.library.custom_op("noflash::attention_backward", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor,
     q: Tensor,
