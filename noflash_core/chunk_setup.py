@@ -1,0 +1,85 @@
+"""Setup shared by the tiled forward tiers and the backward pass: a call's outputs and masks, and one chunk of
+batch-head pairs' operands, ready for the tile loops.
+
+Every tier walks the ``B * H`` batch-head pairs in :class:`~noflash_core.tiles.HeadChunk` chunks and, inside a
+chunk, blocks of query rows. What a chunk needs before its first block (its views of the query, the key and value
+operands in the call's precision, the dropout head index) and how a block's queries are scaled are the same for
+all of them, so they are made here once.
+"""
+
+# implementation of:
+#   the per-chunk operand preparation of a FlashAttention-2 style tiling (query blocks outer, keys as one transposed
+#   operand): Dao 2023, "FlashAttention-2", https://arxiv.org/abs/2307.08691
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .problem import AttentionProblem
+from .tiles import DropoutSpec, HeadChunk, TileMasks, TileMath, head_index
+
+__all__ = ["ChunkTiles", "call_masks", "forward_outputs"]
+
+
+def forward_outputs(
+    problem: AttentionProblem, tile_math: Optional[TileMath], need_lse: bool
+) -> Tuple[TileMath, torch.Tensor, Optional[torch.Tensor]]:
+    """The call's precision policy and its uninitialised outputs.
+
+    Returns:
+        ``tile_math`` (made from the inputs when None), ``out`` ``(B, H, G, L, Ev)`` in the query dtype, and the
+        row log-sum-exp ``(B, H, G, L)`` in the accumulator dtype when ``need_lse`` (else None).
+    """
+    q, k, v = problem.query, problem.key, problem.value
+    b, h, g, length, _, _, ev = problem.dims
+    tm = tile_math or TileMath.for_inputs(q, k, v)
+    out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, g, length, dtype=tm.acc_dtype, device=q.device) if need_lse else None
+    return tm, out, lse
+
+
+def call_masks(problem: AttentionProblem, acc_dtype: torch.dtype) -> TileMasks:
+    """The call's :class:`TileMasks` (its mask ``(Bm, Hm, Gm, Lm, Sm)`` and causal flag), prepared once."""
+    return TileMasks(problem.mask, problem.is_causal, acc_dtype)
+
+
+class ChunkTiles:
+    """One :class:`HeadChunk` of a problem, prepared for the tile loops.
+
+    Attributes:
+        problem, chunk, tm: the call's problem, this chunk, the precision policy.
+        masks: the call's masks restricted to the chunk.
+        q: the chunk's query ``(hb, hh, G, L, E)`` (input dtype).
+        ko: the key operand ``(hb, hh, S, E)``; ``kt`` its transpose ``(hb, hh, E, S)``.
+        vo: the value operand ``(hb, hh, S, Ev)``.
+        hb, hh: the chunk's batch and head counts.
+        heads: the flat head index ``(hb, hh, G)`` for dropout, or None without dropout.
+    """
+
+    def __init__(
+        self,
+        problem: AttentionProblem,
+        chunk: HeadChunk,
+        masks: TileMasks,
+        tm: TileMath,
+        dropout: Optional[DropoutSpec],
+    ) -> None:
+        self.problem, self.chunk, self.tm = problem, chunk, tm
+        self.masks = masks.for_chunk(chunk)
+        self.q = chunk.of(problem.query)
+        self.ko = tm.operand(chunk.of(problem.key))
+        self.kt = self.ko.transpose(-1, -2)
+        self.vo = tm.operand(chunk.of(problem.value))
+        self.hb, self.hh = self.q.shape[:2]
+        g = problem.dims[2]
+        if dropout is None:
+            self.heads = None
+        else:
+            self.heads = head_index(self.hb, self.hh, g, self.q.device, offset=chunk.first * g)
+
+    def query_block(self, i0: int, i1: int, scale: float) -> torch.Tensor:
+        """Query rows ``i0:i1`` as an operand times ``scale``, flattened to ``(hb, hh, G * (i1 - i0), E)``."""
+        _, _, g, _, _, e, _ = self.problem.dims
+        return (self.tm.operand(self.q[:, :, :, i0:i1]) * scale).reshape(self.hb, self.hh, g * (i1 - i0), e)
