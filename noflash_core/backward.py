@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk_setup import ChunkTiles, call_masks
+from .chunk_setup import ChunkTiles, for_each_chunk
 from .problem import AttentionProblem
 from .tiles import (
     NEG_INF,
@@ -33,7 +33,6 @@ from .tiles import (
     TileMath,
     dropout_keep_scale,
     guard_dead_rows,
-    head_chunks,
     mask_tile,
     row_blocks,
     visible_keys,
@@ -82,12 +81,12 @@ def attention_backward(
     dk = torch.zeros(b, h, s, e, dtype=k.dtype, device=q.device)
     dv = torch.zeros(b, h, s, ev, dtype=v.dtype, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=acc, device=q.device) if (mask_grad and mask is not None) else None
-    masks = call_masks(problem, acc)
-    for chunk in head_chunks(b, h, block_h):
-        tiles = ChunkTiles(problem, chunk, masks, tm, dropout)
-        grads = (dq, dk, dv, chunk.of_mask(dmask))
-        _chunk_backward(tiles, out, lse, grad_out, chunk.of(grad_lse), block_m, block_n, dropout, *grads)
-        del tiles  # the chunk's operand copies go before the next chunk's are made
+
+    def run(t: ChunkTiles) -> None:
+        grads = (dq, dk, dv, t.chunk.of_mask(dmask))
+        _chunk_backward(t, out, lse, grad_out, t.chunk.of(grad_lse), block_m, block_n, dropout, *grads)
+
+    for_each_chunk(problem, tm, block_h, dropout, run)
     grad_mask = dmask.to(mask.dtype) if dmask is not None else None
     return dq, dk, dv, grad_mask
 

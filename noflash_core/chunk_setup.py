@@ -13,14 +13,36 @@ all of them, so they are made here once.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from .problem import AttentionProblem
-from .tiles import DropoutSpec, HeadChunk, TileMasks, TileMath, head_index
+from .tiles import DropoutSpec, HeadChunk, TileMasks, TileMath, head_chunks, head_index
 
-__all__ = ["ChunkTiles", "call_masks", "forward_outputs"]
+__all__ = ["ChunkTiles", "ForwardSpec", "call_masks", "for_each_chunk", "forward_outputs"]
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """How a tier's forward runs, the same for every tier.
+
+    Attributes:
+        block_m: query rows per block (per head).
+        block_n: keys per tile (tier 2 only).
+        block_h: batch-head pairs per step (0: all).
+        dropout: the dropout of the call, or None.
+        need_lse: also return the row log-sum-exp (tiers 1 and 2; tier 3 keeps none).
+        tile_math: the call's precision policy, when the caller already made it (None: from the inputs).
+    """
+
+    block_m: int
+    block_n: int = 0
+    block_h: int = 0
+    dropout: Optional[DropoutSpec] = None
+    need_lse: bool = True
+    tile_math: Optional[TileMath] = None
 
 
 def forward_outputs(
@@ -43,6 +65,25 @@ def forward_outputs(
 def call_masks(problem: AttentionProblem, acc_dtype: torch.dtype) -> TileMasks:
     """The call's :class:`TileMasks` (its mask ``(Bm, Hm, Gm, Lm, Sm)`` and causal flag), prepared once."""
     return TileMasks(problem.mask, problem.is_causal, acc_dtype)
+
+
+def for_each_chunk(
+    problem: AttentionProblem,
+    tm: TileMath,
+    block_h: int,
+    dropout: Optional[DropoutSpec],
+    run: Callable[[ChunkTiles], None],
+    chunks: Optional[List[HeadChunk]] = None,
+) -> None:
+    """Prepare the call's masks once, then ``run`` each chunk of ``block_h`` batch-head pairs (or ``chunks``).
+
+    Each chunk's operands are made just before its ``run`` and dropped when it returns, so at most one chunk's
+    copies are alive at a time.
+    """
+    masks = call_masks(problem, tm.acc_dtype)
+    b, h = problem.dims[:2]
+    for chunk in head_chunks(b, h, block_h) if chunks is None else chunks:
+        run(ChunkTiles(problem, chunk, masks, tm, dropout))
 
 
 class ChunkTiles:

@@ -18,15 +18,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk_setup import ChunkTiles, call_masks, forward_outputs
+from .chunk_setup import ChunkTiles, ForwardSpec, for_each_chunk, forward_outputs
 from .problem import AttentionProblem
 from .tiles import (
     NEG_INF,
     DropoutSpec,
-    TileMath,
     dropout_keep_scale,
     guard_dead_rows,
-    head_chunks,
     row_blocks,
     visible_keys,
 )
@@ -34,35 +32,22 @@ from .tiles import (
 __all__ = ["tier1_forward"]
 
 
-def tier1_forward(
-    problem: AttentionProblem,
-    block_m: int,
-    dropout: Optional[DropoutSpec] = None,
-    need_lse: bool = True,
-    block_h: int = 0,
-    tile_math: Optional[TileMath] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run tier 1.
-
-    Args:
-        block_m: query rows per block (per head).
-        block_h: batch-head pairs per step (0: all).
-        tile_math: the call's precision policy, when the caller already made it.
+def tier1_forward(problem: AttentionProblem, spec: ForwardSpec) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run tier 1 (``spec.block_n`` is not used: a block sees all its keys at once).
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype, and the row log-sum-exp ``(B, H, G, L)`` (fp32, fp64 for
         fp64 inputs; ``-inf`` on fully masked rows) when ``need_lse``.
     """
-    b, h, _, _, s, _, _ = problem.dims
-    tm, out, lse = forward_outputs(problem, tile_math, need_lse)
-    if s == 0:  # no keys: every row is empty, as in torch
+    tm, out, lse = forward_outputs(problem, spec.tile_math, spec.need_lse)
+    if problem.dims[4] == 0:  # no keys: every row is empty, as in torch
         out.zero_()
         if lse is not None:
             lse.fill_(NEG_INF)
         return out, lse
-    masks = call_masks(problem, tm.acc_dtype)
-    for chunk in head_chunks(b, h, block_h):
-        _chunk_forward(ChunkTiles(problem, chunk, masks, tm, dropout), block_m, dropout, out, lse)
+    for_each_chunk(
+        problem, tm, spec.block_h, spec.dropout, lambda t: _chunk_forward(t, spec.block_m, spec.dropout, out, lse)
+    )
     return out, lse
 
 

@@ -20,15 +20,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk_setup import ChunkTiles, call_masks, forward_outputs
+from .chunk_setup import ChunkTiles, ForwardSpec, for_each_chunk, forward_outputs
 from .problem import AttentionProblem
 from .tiles import (
     NEG_INF,
-    DropoutSpec,
-    TileMath,
     dropout_keep_scale,
     guard_dead_rows,
-    head_chunks,
     row_blocks,
     visible_keys,
 )
@@ -36,47 +33,25 @@ from .tiles import (
 __all__ = ["tier2_forward"]
 
 
-def tier2_forward(
-    problem: AttentionProblem,
-    block_m: int,
-    block_n: int,
-    dropout: Optional[DropoutSpec] = None,
-    need_lse: bool = True,
-    block_h: int = 0,
-    tile_math: Optional[TileMath] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run tier 2.
-
-    Args:
-        block_m, block_n: query rows and keys per tile.
-        block_h: batch-head pairs per step (0: all).
-        tile_math: the call's precision policy, when the caller already made it.
+def tier2_forward(problem: AttentionProblem, spec: ForwardSpec) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run tier 2 on tiles of ``spec.block_m`` query rows by ``spec.block_n`` keys.
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype, and the row log-sum-exp ``(B, H, G, L)`` (``-inf`` on
         fully masked rows) when ``need_lse``.
     """
-    b, h = problem.dims[:2]
-    tm, out, lse = forward_outputs(problem, tile_math, need_lse)
-    masks = call_masks(problem, tm.acc_dtype)
-    for chunk in head_chunks(b, h, block_h):
-        _chunk_forward(ChunkTiles(problem, chunk, masks, tm, dropout), block_m, block_n, dropout, out, lse)
+    tm, out, lse = forward_outputs(problem, spec.tile_math, spec.need_lse)
+    for_each_chunk(problem, tm, spec.block_h, spec.dropout, lambda t: _chunk_forward(t, spec, out, lse))
     return out, lse
 
 
-def _chunk_forward(
-    t: ChunkTiles,
-    block_m: int,
-    block_n: int,
-    dropout: Optional[DropoutSpec],
-    out: torch.Tensor,
-    lse: Optional[torch.Tensor],
-) -> None:
+def _chunk_forward(t: ChunkTiles, spec: ForwardSpec, out: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
     """Tier 2 on one prepared chunk of batch-head pairs, writing its rows of ``out`` and ``lse``."""
     problem, masks, tm, hb, hh = t.problem, t.masks, t.tm, t.hb, t.hh
     _, _, g, length, s, _, ev = problem.dims
     out_c, lse_c = t.chunk.of(out), t.chunk.of(lse)
     acc_dtype, device = tm.acc_dtype, t.q.device
+    block_m, block_n, dropout = spec.block_m, spec.block_n, spec.dropout
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
         qb = t.query_block(i0, i1, problem.scale * masks.units)

@@ -17,12 +17,11 @@ from typing import Optional
 
 import torch
 
-from .chunk_setup import ChunkTiles, call_masks, forward_outputs
+from .chunk_setup import ChunkTiles, ForwardSpec, for_each_chunk, forward_outputs
 from .problem import AttentionProblem, tier3_grad_error
 from .tiles import (
     DropoutSpec,
     HeadChunk,
-    TileMath,
     dropout_keep_scale,
     head_chunks,
     row_blocks,
@@ -33,19 +32,8 @@ from .tiles import (
 __all__ = ["tier3_forward"]
 
 
-def tier3_forward(
-    problem: AttentionProblem,
-    block_m: int,
-    dropout: Optional[DropoutSpec] = None,
-    tile_math: Optional[TileMath] = None,
-    block_h: int = 1,
-) -> torch.Tensor:
-    """Run tier 3 under no_grad.
-
-    Args:
-        block_m: query rows per block.
-        tile_math: the call's precision policy, when the caller already made it.
-        block_h: batch-head pairs per step (0: all).
+def tier3_forward(problem: AttentionProblem, spec: ForwardSpec) -> torch.Tensor:
+    """Run tier 3 under no_grad (``spec.block_n`` and ``spec.need_lse`` are not used: it keeps no statistics).
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype.
@@ -53,18 +41,21 @@ def tier3_forward(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (problem.query, problem.key, problem.value)):
         raise tier3_grad_error()
     b, h, g, length, s, _, ev = problem.dims
-    tm, out, _ = forward_outputs(problem, tile_math, need_lse=False)
+    tm, out, _ = forward_outputs(problem, spec.tile_math, need_lse=False)
     if s == 0:  # no keys: every row is empty, as in torch
         return out.zero_()
-    chunks = head_chunks(b, h, block_h)
+    block_m, dropout = spec.block_m, spec.dropout
+    chunks = head_chunks(b, h, spec.block_h)
     pairs = max(_pairs(c, b, h) for c in chunks)
     rows = pairs * g * min(block_m, length)
     scratch = torch.empty(rows * s, dtype=tm.acc_dtype, device=out.device)
     ob_buf = torch.empty(rows * ev, dtype=tm.acc_dtype, device=out.device)
-    masks = call_masks(problem, tm.acc_dtype)
+
+    def run(t: ChunkTiles) -> None:
+        _chunk_forward(t, block_m, dropout, out, scratch, ob_buf)
+
     with torch.no_grad():
-        for chunk in chunks:
-            _chunk_forward(ChunkTiles(problem, chunk, masks, tm, dropout), block_m, dropout, out, scratch, ob_buf)
+        for_each_chunk(problem, tm, spec.block_h, dropout, run, chunks)
     return out
 
 
