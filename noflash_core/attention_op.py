@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .backward import attention_backward
+from .chunk_setup import ForwardSpec
 from .oom import retry_out_of_memory
 from .planner import MIN_BLOCK
 from .problem import AttentionProblem, tier3_grad_error
@@ -69,12 +70,13 @@ def run_forward(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Run one tier's forward on a canonical problem: ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)`` or None.
     ``block_h`` batch-head pairs run per step (0: all)."""
+    spec = ForwardSpec(block_m, block_n, block_h, dropout, need_lse)
     if tier == 1:
-        return tier1_forward(problem, block_m, dropout, need_lse, block_h)
+        return tier1_forward(problem, spec)
     if tier == 2:
-        return tier2_forward(problem, block_m, block_n, dropout, need_lse, block_h)
+        return tier2_forward(problem, spec)
     if tier == 3:
-        return tier3_forward(problem, block_m, dropout, None, block_h), None
+        return tier3_forward(problem, spec), None
     raise ValueError(f"tier must be 1, 2 or 3, got {tier!r}")
 
 

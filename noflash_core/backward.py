@@ -25,17 +25,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from .chunk_setup import ChunkTiles, for_each_chunk
 from .problem import AttentionProblem
 from .tiles import (
     NEG_INF,
     DropoutSpec,
-    HeadChunk,
-    TileMasks,
     TileMath,
     dropout_keep_scale,
     guard_dead_rows,
-    head_chunks,
-    head_index,
     mask_tile,
     row_blocks,
     visible_keys,
@@ -84,19 +81,18 @@ def attention_backward(
     dk = torch.zeros(b, h, s, e, dtype=k.dtype, device=q.device)
     dv = torch.zeros(b, h, s, ev, dtype=v.dtype, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=acc, device=q.device) if (mask_grad and mask is not None) else None
-    masks = TileMasks(mask, problem.is_causal, acc)
-    for chunk in head_chunks(b, h, block_h):
-        args = (problem, chunk, masks.for_chunk(chunk), tm, out, lse, grad_out, chunk.of(grad_lse), block_m, block_n)
-        _chunk_backward(*args, dropout, dq, dk, dv, chunk.of_mask(dmask))
+
+    def run(t: ChunkTiles) -> None:
+        grads = (dq, dk, dv, t.chunk.of_mask(dmask))
+        _chunk_backward(t, out, lse, grad_out, t.chunk.of(grad_lse), block_m, block_n, dropout, *grads)
+
+    for_each_chunk(problem, tm, block_h, dropout, run)
     grad_mask = dmask.to(mask.dtype) if dmask is not None else None
     return dq, dk, dv, grad_mask
 
 
 def _chunk_backward(
-    problem: AttentionProblem,
-    chunk: HeadChunk,
-    masks: TileMasks,
-    tm: TileMath,
+    t: ChunkTiles,
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
@@ -111,23 +107,19 @@ def _chunk_backward(
 ) -> None:
     """The backward of one chunk of batch-head pairs: writes its slices of ``dq``, ``dk``, ``dv`` and adds into
     ``dmask`` (the chunk's view of the mask gradient)."""
+    problem, chunk, masks, tm, hb, hh = t.problem, t.chunk, t.masks, t.tm, t.hb, t.hh
     _, _, g, length, s, e, ev = problem.dims
     acc = tm.acc_dtype
-    q = chunk.of(problem.query)
-    ko = tm.operand(chunk.of(problem.key))
-    kt = ko.transpose(-1, -2)
-    vt = tm.operand(chunk.of(problem.value)).transpose(-1, -2)
+    ko, kt, vt = t.ko, t.kt, t.vo.transpose(-1, -2)
     out_c, lse_c, dout_c, dq_c = chunk.of(out), chunk.of(lse), chunk.of(grad_out), chunk.of(dq)
-    hb, hh = q.shape[:2]
-    device = q.device
+    device = t.q.device
     # Key and value gradients accumulate in place when they already have the accumulator dtype.
     dk_c, dv_c = chunk.of(dk), chunk.of(dv)
     dk_acc = dk_c if dk_c.dtype == acc else torch.zeros(dk_c.shape, dtype=acc, device=device)
     dv_acc = dv_c if dv_c.dtype == acc else torch.zeros(dv_c.shape, dtype=acc, device=device)
-    heads = head_index(hb, hh, g, device, offset=chunk.first * g) if dropout is not None else None
     for i0, i1 in row_blocks(length, block_m):
         bm = i1 - i0
-        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
+        qb = t.query_block(i0, i1, problem.scale * masks.units)
         dout_b = dout_c[:, :, :, i0:i1]
         # D = rowsum(dO * O) and the guarded log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
         d_b = (dout_b.to(acc) * out_c[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
@@ -145,7 +137,7 @@ def _chunk_backward(
             probs = masks.exp_(scores.sub_(lse_b))
             keep = None
             if dropout is not None:
-                keep = dropout_keep_scale(dropout, heads, length, s, i0, i1, j0, j1, acc)
+                keep = dropout_keep_scale(dropout, t.heads, length, s, i0, i1, j0, j1, acc)
                 dropped = (probs * keep).view(hb, hh, g * bm, bn)
             else:
                 dropped = probs.view(hb, hh, g * bm, bn)

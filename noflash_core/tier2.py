@@ -20,17 +20,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from .chunk_setup import ChunkTiles, ForwardSpec, for_each_chunk, forward_outputs
 from .problem import AttentionProblem
 from .tiles import (
     NEG_INF,
-    DropoutSpec,
-    HeadChunk,
-    TileMasks,
-    TileMath,
     dropout_keep_scale,
     guard_dead_rows,
-    head_chunks,
-    head_index,
     row_blocks,
     visible_keys,
 )
@@ -38,67 +33,35 @@ from .tiles import (
 __all__ = ["tier2_forward"]
 
 
-def tier2_forward(
-    problem: AttentionProblem,
-    block_m: int,
-    block_n: int,
-    dropout: Optional[DropoutSpec] = None,
-    need_lse: bool = True,
-    block_h: int = 0,
-    tile_math: Optional[TileMath] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run tier 2.
-
-    Args:
-        block_m, block_n: query rows and keys per tile.
-        block_h: batch-head pairs per step (0: all).
-        tile_math: the call's precision policy, when the caller already made it.
+def tier2_forward(problem: AttentionProblem, spec: ForwardSpec) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run tier 2 on tiles of ``spec.block_m`` query rows by ``spec.block_n`` keys.
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype, and the row log-sum-exp ``(B, H, G, L)`` (``-inf`` on
         fully masked rows) when ``need_lse``.
     """
-    q, k, v = problem.query, problem.key, problem.value
-    b, h, g, length, s, e, ev = problem.dims
-    tm = tile_math or TileMath.for_inputs(q, k, v)
-    out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, g, length, dtype=tm.acc_dtype, device=q.device) if need_lse else None
-    masks = TileMasks(problem.mask, problem.is_causal, tm.acc_dtype)
-    for chunk in head_chunks(b, h, block_h):
-        _chunk_forward(problem, chunk, masks.for_chunk(chunk), tm, block_m, block_n, dropout, out, lse)
+    tm, out, lse = forward_outputs(problem, spec.tile_math, spec.need_lse)
+    for_each_chunk(problem, tm, spec.block_h, spec.dropout, lambda t: _chunk_forward(t, spec, out, lse))
     return out, lse
 
 
-def _chunk_forward(
-    problem: AttentionProblem,
-    chunk: HeadChunk,
-    masks: TileMasks,
-    tm: TileMath,
-    block_m: int,
-    block_n: int,
-    dropout: Optional[DropoutSpec],
-    out: torch.Tensor,
-    lse: Optional[torch.Tensor],
-) -> None:
-    """Tier 2 on one chunk of batch-head pairs, writing its rows of ``out`` and ``lse``."""
-    _, _, g, length, s, e, ev = problem.dims
-    q = chunk.of(problem.query)
-    kt = tm.operand(chunk.of(problem.key)).transpose(-1, -2)
-    vo = tm.operand(chunk.of(problem.value))
-    out_c, lse_c = chunk.of(out), chunk.of(lse)
-    hb, hh = q.shape[:2]
-    acc_dtype, device = tm.acc_dtype, q.device
-    heads = head_index(hb, hh, g, device, offset=chunk.first * g) if dropout is not None else None
+def _chunk_forward(t: ChunkTiles, spec: ForwardSpec, out: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
+    """Tier 2 on one prepared chunk of batch-head pairs, writing its rows of ``out`` and ``lse``."""
+    problem, masks, tm, hb, hh = t.problem, t.masks, t.tm, t.hb, t.hh
+    _, _, g, length, s, _, ev = problem.dims
+    out_c, lse_c = t.chunk.of(out), t.chunk.of(lse)
+    acc_dtype, device = tm.acc_dtype, t.q.device
+    block_m, block_n, dropout = spec.block_m, spec.block_n, spec.dropout
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
-        qb = (tm.operand(q[:, :, :, i0:i1]) * (problem.scale * masks.units)).reshape(hb, hh, g * bm, e)
+        qb = t.query_block(i0, i1, problem.scale * masks.units)
         acc = torch.zeros(hb, hh, g * bm, ev, dtype=acc_dtype, device=device)
         run_max = torch.full((hb, hh, g, bm, 1), NEG_INF, dtype=acc_dtype, device=device)
         run_sum = torch.zeros(hb, hh, g, bm, 1, dtype=acc_dtype, device=device)
         s_end = visible_keys(i1, s, problem.is_causal)
         for j0 in range(0, s_end, block_n):
             j1 = min(s_end, j0 + block_n)
-            scores = tm.matmul(qb, kt[..., j0:j1]).view(hb, hh, g, bm, j1 - j0)
+            scores = tm.matmul(qb, t.kt[..., j0:j1]).view(hb, hh, g, bm, j1 - j0)
             masks.apply(scores, i0, i1, j0, j1)
             new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
             safe_max = guard_dead_rows(new_max, NEG_INF, 0.0)
@@ -106,11 +69,11 @@ def _chunk_forward(
             correction = masks.exp_(run_max - safe_max)
             run_sum.mul_(correction).add_(probs.sum(-1, keepdim=True))
             if dropout is not None:
-                keep = dropout_keep_scale(dropout, heads, length, s, i0, i1, j0, j1, probs.dtype)
+                keep = dropout_keep_scale(dropout, t.heads, length, s, i0, i1, j0, j1, probs.dtype)
                 probs.mul_(keep)
                 del keep
             acc.view(hb, hh, g, bm, ev).mul_(correction)
-            acc.add_(tm.matmul(probs.view(hb, hh, g * bm, j1 - j0), vo[..., j0:j1, :]))
+            acc.add_(tm.matmul(probs.view(hb, hh, g * bm, j1 - j0), t.vo[..., j0:j1, :]))
             run_max = new_max
             del scores, probs
         acc5 = acc.view(hb, hh, g, bm, ev)

@@ -17,15 +17,13 @@ from typing import Optional
 
 import torch
 
+from .chunk_setup import ChunkTiles, ForwardSpec, for_each_chunk, forward_outputs
 from .problem import AttentionProblem, tier3_grad_error
 from .tiles import (
     DropoutSpec,
     HeadChunk,
-    TileMasks,
-    TileMath,
     dropout_keep_scale,
     head_chunks,
-    head_index,
     row_blocks,
     visible_keys,
     zero_dead_rows_,
@@ -34,40 +32,30 @@ from .tiles import (
 __all__ = ["tier3_forward"]
 
 
-def tier3_forward(
-    problem: AttentionProblem,
-    block_m: int,
-    dropout: Optional[DropoutSpec] = None,
-    tile_math: Optional[TileMath] = None,
-    block_h: int = 1,
-) -> torch.Tensor:
-    """Run tier 3 under no_grad.
-
-    Args:
-        block_m: query rows per block.
-        tile_math: the call's precision policy, when the caller already made it.
-        block_h: batch-head pairs per step (0: all).
+def tier3_forward(problem: AttentionProblem, spec: ForwardSpec) -> torch.Tensor:
+    """Run tier 3 under no_grad (``spec.block_n`` and ``spec.need_lse`` are not used: it keeps no statistics).
 
     Returns:
         ``out`` ``(B, H, G, L, Ev)`` in the query dtype.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (problem.query, problem.key, problem.value)):
         raise tier3_grad_error()
-    q, k, v = problem.query, problem.key, problem.value
-    b, h, g, length, s, e, ev = problem.dims
-    tm = tile_math or TileMath.for_inputs(q, k, v)
-    out = torch.empty(b, h, g, length, ev, dtype=q.dtype, device=q.device)
+    b, h, g, length, s, _, ev = problem.dims
+    tm, out, _ = forward_outputs(problem, spec.tile_math, need_lse=False)
     if s == 0:  # no keys: every row is empty, as in torch
         return out.zero_()
-    chunks = head_chunks(b, h, block_h)
+    block_m, dropout = spec.block_m, spec.dropout
+    chunks = head_chunks(b, h, spec.block_h)
     pairs = max(_pairs(c, b, h) for c in chunks)
     rows = pairs * g * min(block_m, length)
-    scratch = torch.empty(rows * s, dtype=tm.acc_dtype, device=q.device)
-    ob_buf = torch.empty(rows * ev, dtype=tm.acc_dtype, device=q.device)
-    masks = TileMasks(problem.mask, problem.is_causal, tm.acc_dtype)
+    scratch = torch.empty(rows * s, dtype=tm.acc_dtype, device=out.device)
+    ob_buf = torch.empty(rows * ev, dtype=tm.acc_dtype, device=out.device)
+
+    def run(t: ChunkTiles) -> None:
+        _chunk_forward(t, block_m, dropout, out, scratch, ob_buf)
+
     with torch.no_grad():
-        for chunk in chunks:
-            _chunk_forward(problem, chunk, masks.for_chunk(chunk), tm, block_m, dropout, out, scratch, ob_buf)
+        for_each_chunk(problem, tm, spec.block_h, dropout, run, chunks)
     return out
 
 
@@ -76,39 +64,32 @@ def _pairs(chunk: HeadChunk, b: int, h: int) -> int:
 
 
 def _chunk_forward(
-    problem: AttentionProblem,
-    chunk: HeadChunk,
-    masks: TileMasks,
-    tm: TileMath,
+    t: ChunkTiles,
     block_m: int,
     dropout: Optional[DropoutSpec],
     out: torch.Tensor,
     scratch: torch.Tensor,
     ob_buf: torch.Tensor,
 ) -> None:
-    """Tier 3 on one chunk of batch-head pairs, writing its rows of ``out``."""
-    _, _, g, length, s, e, ev = problem.dims
-    q = chunk.of(problem.query)
-    kt = tm.operand(chunk.of(problem.key)).transpose(-1, -2)
-    vo = tm.operand(chunk.of(problem.value))
-    out_c = chunk.of(out)
-    hb, hh = q.shape[:2]
-    heads = head_index(hb, hh, g, q.device, offset=chunk.first * g) if dropout is not None else None
+    """Tier 3 on one prepared chunk of batch-head pairs, writing its rows of ``out``."""
+    problem, masks, tm, hb, hh = t.problem, t.masks, t.tm, t.hb, t.hh
+    _, _, g, length, s, _, ev = problem.dims
+    out_c = t.chunk.of(out)
     for i0, i1 in row_blocks(length, block_m, overlap_last=True):
         bm = i1 - i0
         s_end = visible_keys(i1, s, problem.is_causal)
-        qb = (tm.operand(q[:, :, :, i0:i1]) * problem.scale).reshape(hb, hh, g * bm, e)
+        qb = t.query_block(i0, i1, problem.scale)
         scores = scratch[: hb * hh * g * bm * s_end].view(hb, hh, g * bm, s_end)
-        tm.matmul(qb, kt[..., :s_end], out=scores)
+        tm.matmul(qb, t.kt[..., :s_end], out=scores)
         s5 = scores.view(hb, hh, g, bm, s_end)
         masks.apply(s5, i0, i1, 0, s_end)
         # A row with every key hidden has max -inf; softmax makes it NaN, its output must be 0 (as math's).
         row_max = scores.amax(-1, keepdim=True) if masks.can_die else None
         torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place: fewer passes than by hand
         if dropout is not None:
-            s5.mul_(dropout_keep_scale(dropout, heads, length, s, i0, i1, 0, s_end, scores.dtype))
+            s5.mul_(dropout_keep_scale(dropout, t.heads, length, s, i0, i1, 0, s_end, scores.dtype))
         ob = ob_buf[: hb * hh * g * bm * ev].view(hb, hh, g * bm, ev)
-        tm.matmul(scores, vo[..., :s_end, :], out=ob)
+        tm.matmul(scores, t.vo[..., :s_end, :], out=ob)
         if row_max is not None:
             zero_dead_rows_(ob, row_max)
         out_c[:, :, :, i0:i1].copy_(ob.view(hb, hh, g, bm, ev))

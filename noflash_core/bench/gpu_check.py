@@ -35,6 +35,7 @@ import torch
 from ..device import device_profile
 from .device import describe_machine
 from .measure import Inputs, first_call, timed_call
+from .report import markdown_header
 from .runners import Implementation, math_sdpa
 
 __all__ = [
@@ -312,16 +313,12 @@ def render_gpu_check_markdown(result: Dict[str, object], command: str = "") -> s
     """The check's report as markdown."""
     m, cfg, tests = result["machine"], result["config"], result["tests"]
     cells: List[Dict[str, object]] = result["cells"]  # type: ignore[assignment]
-    lines = [
-        f"# GPU check: {m.get('gpu') or m.get('device')}",
-        "",
+    about = (
         f"{m.get('gpu_arch') or ''} torch {m.get('torch')} (HIP {m.get('hip')}, CUDA {m.get('cuda')}), "
         f"B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, forward, median of {cfg['repeats']} calls; "
-        f"{result['duration_s']} s in all.",
-        "",
-    ]
-    if command:
-        lines += ["```", command, "```", ""]
+        f"{result['duration_s']} s in all."
+    )
+    lines = markdown_header(f"GPU check: {m.get('gpu') or m.get('device')}", [about], command)
     lines += ["## Device tests", "", f"- status: **{tests.get('status')}** {tests.get('summary', '')}"]
     if tests.get("command"):
         lines.append(f"- command: `{tests['command']}` ({tests.get('seconds')} s; log in `device_tests.log`)")

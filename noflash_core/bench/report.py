@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 from ..units import format_bytes
 from .suite import BenchResult, CellResult
 
-__all__ = ["format_ms", "render_markdown", "write_json", "write_markdown"]
+__all__ = ["format_ms", "markdown_header", "render_markdown", "write_json", "write_markdown"]
 
 _MODES = {"fwd": "Forward", "fwd+bwd": "Forward + backward"}
 
@@ -26,6 +26,17 @@ def format_ms(ms: Optional[float]) -> str:
     if ms >= 10:
         return f"{ms:.1f} ms"
     return f"{ms:.2f} ms"
+
+
+def markdown_header(title: str, paragraphs: Sequence[str], command: str = "") -> List[str]:
+    """A report's opening lines: ``# title``, each paragraph followed by a blank line, then the ``command`` that
+    made the report in a code block (when given)."""
+    lines = [f"# {title}", ""]
+    for paragraph in paragraphs:
+        lines += [paragraph, ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    return lines
 
 
 def _cell_text(cell: Optional[CellResult]) -> str:

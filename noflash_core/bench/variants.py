@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .device import describe_machine, load_average, synchronize
+from .report import markdown_header
 
 __all__ = [
     "ALL_VARIANTS",
@@ -230,21 +231,19 @@ def render_variants_markdown(result: Dict[str, object], command: str = "") -> st
     """The variant table as markdown."""
     cfg, m = result["config"], result["machine"]
     cells = _cells(result)
-    lines = [
-        "# Mask variants: noflash auto vs torch's default and math SDPA",
-        "",
+    machine = (
         f"{m.get('gpu') or m.get('cpu')}, torch {m.get('torch')}, {m.get('torch_threads')} thread(s), "
         f"{cfg['dtype']}, B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, forward. "
         f"Load average {m.get('load_at_start')} at start, {m.get('load_at_end')} at end."
-        + (f" Environment: {' '.join(f'{k}={v}' for k, v in m['omp_env'].items())}." if m.get("omp_env") else ""),
-        "",
+        + (f" Environment: {' '.join(f'{k}={v}' for k, v in m['omp_env'].items())}." if m.get("omp_env") else "")
+    )
+    method = (
         f"Each cell: best of {cfg['repeats']} interleaved calls (median in brackets). Targets: ours/fused ≤ "
         f"{VARIANT_TARGETS['ours/fused']}, math/ours ≥ {VARIANT_TARGETS['math/ours']}. pad = bool key-padding "
-        f"mask (B, 1, 1, N) hiding the last {PAD_SHARE:.0%} of keys; cross = {CROSS_KEYS} keys.",
-        "",
-    ]
-    if command:
-        lines += ["```", command, "```", ""]
+        f"mask (B, 1, 1, N) hiding the last {PAD_SHARE:.0%} of keys; cross = {CROSS_KEYS} keys."
+    )
+    title = "Mask variants: noflash auto vs torch's default and math SDPA"
+    lines = markdown_header(title, [machine, method], command)
     lines += [
         "| N | variant | noflash auto | torch default (fused) | torch math | ours / fused | math / ours | "
         "plan | max abs err vs math |",
