@@ -43,7 +43,12 @@ def _entry(rank: int, world_size: int, workdir: str, fn: Callable, args: tuple) 
         result = ("error", traceback.format_exc())
     with open(os.path.join(workdir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    if result[0] == "ok":
+        dist.barrier()  # no rank tears the group down while another still has messages in flight
     dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's background threads can abort the process there ("terminate called without
+    # an active exception") after the result is already written, which would read as a failed rank.
+    os._exit(0)
 
 
 def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 300.0) -> List[Any]:
