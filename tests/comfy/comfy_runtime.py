@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "REPO_ROOT",
-    "TORCHVISION_STUB",
+    "IMPORT_STUBS",
     "comfyui_path",
     "setup_comfyui",
     "load_core_nodes",
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TORCHVISION_STUB = os.path.join(REPO_ROOT, "tests", "support", "torchvision_stub")
+IMPORT_STUBS = os.path.join(REPO_ROOT, "tests", "support", "import_stubs")
 PACK_DIR_NAME = "noflash"
 
 
@@ -54,8 +54,8 @@ def setup_comfyui() -> str:
         if path in sys.path:
             sys.path.remove(path)
         sys.path.insert(0, path)  # before the repo root: ComfyUI's nodes.py, not the pack's nodes/
-    if importlib.util.find_spec("torchvision") is None:
-        sys.path.append(TORCHVISION_STUB)
+    if any(importlib.util.find_spec(name) is None for name in ("torchvision", "torchaudio")):
+        sys.path.append(IMPORT_STUBS)  # import-only stand-ins (tests/support/import_stubs)
     from comfy.cli_args import args
 
     args.cpu = True

@@ -29,7 +29,7 @@ import urllib.request
 import pytest
 from comfy_runtime import (
     REPO_ROOT,
-    TORCHVISION_STUB,
+    IMPORT_STUBS,
     comfyui_path,
     make_custom_nodes_dir,
     save_state_dict,
@@ -351,7 +351,7 @@ def server(tmp_path_factory):
                    "Comfy.Minimap.Visible": False}, f)
     port = _free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (TORCHVISION_STUB, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_STUBS, env.get("PYTHONPATH")) if p)
     log = open(os.path.join(base, "server.log"), "w")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,

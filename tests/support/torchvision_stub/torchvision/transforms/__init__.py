@@ -1,1 +1,0 @@
-"""Empty stand-in for ``torchvision.transforms`` (see the parent package's docstring)."""
