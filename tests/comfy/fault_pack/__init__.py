@@ -64,55 +64,46 @@ def _routed_forwards(root) -> int:
     return sum("forward" in m.__dict__ for m in _attention_modules(root))
 
 
-class HoldSampling:
-    CATEGORY = "noflash_test"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "hold_step": ("INT", {"default": 1, "min": 0})}}
-
-    def run(self, model, hold_step):
-        m = model.clone()
-        counter = {"step": 0}
-
-        def wrapper(apply_model, args):
-            if counter["step"] == hold_step:
-                _event("sampling", override=_override_name(m.model_options),
-                       sdpa_patched=F.scaled_dot_product_attention is not _SDPA_AT_LOAD)
-                _hold_until_interrupted("sampling")
-            counter["step"] += 1
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
-        m.set_model_unet_function_wrapper(wrapper)
-        return (m,)
+def _node(port: str, inputs: dict, run):
+    """A V1 node class around ``run(**inputs) -> output``."""
+    return type(run.__name__, (), {
+        "CATEGORY": "noflash_test", "RETURN_TYPES": (port,), "FUNCTION": "run",
+        "INPUT_TYPES": classmethod(lambda cls: {"required": inputs}),
+        "run": lambda self, **kwargs: (run(**kwargs),),
+    })
 
 
-class HoldEncode:
-    CATEGORY = "noflash_test"
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "run"
+def hold_sampling(model, hold_step):
+    m = model.clone()
+    counter = {"step": 0}
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip": ("CLIP",)}}
+    def wrapper(apply_model, args):
+        if counter["step"] == hold_step:
+            _event("sampling", override=_override_name(m.model_options),
+                   sdpa_patched=F.scaled_dot_product_attention is not _SDPA_AT_LOAD)
+            _hold_until_interrupted("sampling")
+        counter["step"] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
 
-    def run(self, clip):
-        root = clip.cond_stage_model
-        with _LOCK:
-            if not any(r is root for r in STATE["clips"]):
-                STATE["clips"].append(root)
-        first = _attention_modules(root)[0]
-        handle = None
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
 
-        def hook(module, args):
-            handle.remove()  # one shot: the shared module keeps no hook after this encode
-            _event("encode", routed=_routed_forwards(root), modules=len(_attention_modules(root)))
-            _hold_until_interrupted("encode")
 
-        handle = first.register_forward_pre_hook(hook)
-        return (clip,)
+def hold_encode(clip):
+    root = clip.cond_stage_model
+    with _LOCK:
+        if not any(r is root for r in STATE["clips"]):
+            STATE["clips"].append(root)
+    first = _attention_modules(root)[0]
+    handle = None
+
+    def hook(module, args):
+        handle.remove()  # one shot: the shared module keeps no hook after this encode
+        _event("encode", routed=_routed_forwards(root), modules=len(_attention_modules(root)))
+        _hold_until_interrupted("encode")
+
+    handle = first.register_forward_pre_hook(hook)
+    return clip
 
 
 class _CapMode(TorchDispatchMode):
@@ -139,58 +130,42 @@ class _CapMode(TorchDispatchMode):
         return out
 
 
-class MemoryCap:
-    CATEGORY = "noflash_test"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "run"
+def memory_cap(model, cap_kib):
+    m = model.clone()
+    options = m.model_options.setdefault("transformer_options", {})
+    inner = options["optimized_attention_override"]
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "cap_kib": ("INT", {"default": 1024, "min": 1})}}
+    def capped(func, *args, **kwargs):
+        with _CapMode(cap_kib * 1024):
+            return inner(func, *args, **kwargs)
 
-    def run(self, model, cap_kib):
-        m = model.clone()
-        options = m.model_options.setdefault("transformer_options", {})
-        inner = options["optimized_attention_override"]
-
-        def capped(func, *args, **kwargs):
-            with _CapMode(cap_kib * 1024):
-                return inner(func, *args, **kwargs)
-
-        options["optimized_attention_override"] = capped
-        return (m,)
+    options["optimized_attention_override"] = capped
+    return m
 
 
-class Inspect:
-    CATEGORY = "noflash_test"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "run"
+def inspect(model, label):
+    m = model.clone()
+    seen = {"done": False}
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "label": ("STRING", {"default": "run"})}}
+    def wrapper(apply_model, args):
+        if not seen["done"]:
+            seen["done"] = True
+            options = args["c"].get("transformer_options", {})
+            _event("inspect", label=label, override=_override_name({"transformer_options": options}),
+                   sdpa_patched=F.scaled_dot_product_attention is not _SDPA_AT_LOAD)
+        return apply_model(args["input"], args["timestep"], **args["c"])
 
-    def run(self, model, label):
-        m = model.clone()
-        seen = {"done": False}
-
-        def wrapper(apply_model, args):
-            if not seen["done"]:
-                seen["done"] = True
-                options = args["c"].get("transformer_options", {})
-                _event("inspect", label=label, override=_override_name({"transformer_options": options}),
-                       sdpa_patched=F.scaled_dot_product_attention is not _SDPA_AT_LOAD)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
-        m.set_model_unet_function_wrapper(wrapper)
-        return (m,)
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
 
 
 NODE_CLASS_MAPPINGS = {
-    "NoFlashTestHoldSampling": HoldSampling,
-    "NoFlashTestHoldEncode": HoldEncode,
-    "NoFlashTestMemoryCap": MemoryCap,
-    "NoFlashTestInspect": Inspect,
+    "NoFlashTestHoldSampling": _node("MODEL", {"model": ("MODEL",), "hold_step": ("INT", {"default": 1, "min": 0})},
+                                     hold_sampling),
+    "NoFlashTestHoldEncode": _node("CLIP", {"clip": ("CLIP",)}, hold_encode),
+    "NoFlashTestMemoryCap": _node("MODEL", {"model": ("MODEL",), "cap_kib": ("INT", {"default": 1024, "min": 1})},
+                                  memory_cap),
+    "NoFlashTestInspect": _node("MODEL", {"model": ("MODEL",), "label": ("STRING", {"default": "run"})}, inspect),
 }
 
 
