@@ -22,6 +22,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from ..device_memory import read_peak, reset_peak
 from ..telemetry import CallRecord
 
 __all__ = [
@@ -38,22 +39,13 @@ Publish = Callable[[Dict[str, Any]], None]
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Reset the device allocator's peak counter where the device has one (CUDA/ROCm, XPU)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats(device)
-    elif device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
-        torch.xpu.reset_peak_memory_stats(device)
+    """Reset the device allocator's peak counter where the device has one (CUDA/ROCm/ZLUDA, XPU)."""
+    reset_peak(device)
 
 
 def read_peak_memory(device: torch.device) -> Tuple[Optional[int], str]:
     """``(bytes, source)`` for the device's memory peak since the last reset; bytes is None on CPU."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    if device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
-        return int(torch.xpu.max_memory_allocated(device)), "torch.xpu.max_memory_allocated"
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return int(torch.mps.current_allocated_memory()), "torch.mps.current_allocated_memory (sampled)"
-    return None, f"not tracked on {device.type.upper()}"
+    return read_peak(device)
 
 
 class RunHistory:
