@@ -38,6 +38,7 @@ __all__ = [
     "ZLUDA_SUFFIX",
     "DeviceProfile",
     "amd_arch_from_name",
+    "clear_profile_cache",
     "device_profile",
     "device_report",
     "get_preset",
@@ -166,16 +167,31 @@ def _bf16_supported(device: torch.device) -> bool:
     return True
 
 
+def _try_backend(device: torch.device, backend) -> bool:
+    """Whether torch's SDPA ``backend`` runs a tiny call on ``device`` (the only part of the probe that computes)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from .sdpa import original_sdpa
+
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    try:
+        q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with sdpa_kernel(backend):
+                original_sdpa(q, q, q)  # torch's own, even while the global patch is on
+        return True
+    except (RuntimeError, NotImplementedError, TypeError, AssertionError):
+        return False
+
+
 def _probe_backends(device: torch.device) -> Tuple[Tuple[str, bool], ...]:
     """``(backend, runs)`` for torch's SDPA backends: each one tried on a tiny call on ``device``.
 
     On CUDA devices a backend the process has turned off (:func:`sdp_flags`) is not tried and counts as not
     running: under ZLUDA, torch's fused kernels are CUDA code that the fork disables for a reason."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    from .sdpa import original_sdpa
-
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
     backends = {
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -183,21 +199,10 @@ def _probe_backends(device: torch.device) -> Tuple[Tuple[str, bool], ...]:
         "math": SDPBackend.MATH,
     }
     allowed = sdp_flags() if device.type == "cuda" else {}
-    results = []
-    for name, backend in backends.items():
-        if backend is None or not allowed.get(name, True):  # a backend the process turned off is never tried
-            results.append((name, False))
-            continue
-        try:
-            q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with sdpa_kernel(backend):
-                    original_sdpa(q, q, q)  # torch's own, even while the global patch is on
-            results.append((name, True))
-        except (RuntimeError, NotImplementedError, TypeError):
-            results.append((name, False))
-    return tuple(results)
+    return tuple(
+        (name, backend is not None and allowed.get(name, True) and _try_backend(device, backend))
+        for name, backend in backends.items()
+    )
 
 
 def _name(device: torch.device) -> str:
@@ -448,6 +453,13 @@ def _real_profile(device_str: str) -> DeviceProfile:
 
 
 _by_device: Dict[torch.device, DeviceProfile] = {}
+
+
+def clear_profile_cache() -> None:
+    """Forget the probed profiles of real devices, so the next :func:`device_profile` probes again (tests that
+    simulate a device's torch functions, or a process that changed its devices)."""
+    _real_profile.cache_clear()
+    _by_device.clear()
 
 
 def device_profile(device: Optional[object] = None) -> DeviceProfile:
