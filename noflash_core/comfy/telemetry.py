@@ -6,7 +6,8 @@ node glue calls :meth:`RunMonitor.start` when a sampling run begins (ModelPatche
 ``publish`` callable: throttled while the run goes, and once at its end. Finished runs go into a shared
 :class:`RunHistory`, which the VRAM Probe node and the browser's bottom-panel tab read.
 
-Peak memory is ``max_memory_allocated`` on CUDA/ROCm and XPU, reset at the start of each run. MPS has no peak
+Peak memory is ``max_memory_allocated`` on CUDA/ROCm/ZLUDA and XPU, reset at the start of each run
+(:mod:`noflash_core.device_memory` reads it). MPS has no peak
 counter, so the monitor samples ``current_allocated_memory`` at each call. On CPU there is no allocator counter:
 the status says so (``peak_bytes`` None, ``peak_source`` "not tracked on CPU").
 
