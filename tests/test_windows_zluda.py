@@ -32,7 +32,7 @@ import noflash_core.device as device_mod
 import noflash_core.device_memory as device_memory
 from noflash_core import patch
 from noflash_core.auto_patch import decide_and_apply
-from noflash_core.bench.device import PeakMemory
+from noflash_core.bench.device import PeakMemory, describe_machine
 from noflash_core.budget import FREE_MEMORY_FRACTION, default_budget_bytes
 from noflash_core.comfy.startup import run_startup
 from noflash_core.comfy.telemetry import RunHistory, RunMonitor
@@ -278,6 +278,10 @@ def test_telemetry_and_bench_peaks_use_the_cuda_counters_under_zluda(gpu):
         fake.peak = 5000
     assert mem.method == "allocator" and mem.peak_bytes == 4000  # above the 1000 bytes allocated on entry
     assert fake.calls == ["synchronize", "reset_peak", "synchronize"]
+    machine = describe_machine(CUDA0)
+    assert (machine["gpu_kind"], machine["gpu_arch"], machine["hip"], machine["cuda"]) == ("zluda", "gfx1030", None,
+                                                                                           "11.8")
+    assert machine["fused_sdpa"] is False
 
 
 def test_no_linux_only_call_in_the_library_or_the_nodes():
