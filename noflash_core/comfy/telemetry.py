@@ -6,7 +6,8 @@ node glue calls :meth:`RunMonitor.start` when a sampling run begins (ModelPatche
 ``publish`` callable: throttled while the run goes, and once at its end. Finished runs go into a shared
 :class:`RunHistory`, which the VRAM Probe node and the browser's bottom-panel tab read.
 
-Peak memory is ``max_memory_allocated`` on CUDA/ROCm and XPU, reset at the start of each run. MPS has no peak
+Peak memory is ``max_memory_allocated`` on CUDA/ROCm/ZLUDA and XPU, reset at the start of each run
+(:mod:`noflash_core.device_memory` reads it). MPS has no peak
 counter, so the monitor samples ``current_allocated_memory`` at each call. On CPU there is no allocator counter:
 the status says so (``peak_bytes`` None, ``peak_source`` "not tracked on CPU").
 
@@ -22,6 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from ..device_memory import read_peak, reset_peak
 from ..telemetry import CallRecord
 
 __all__ = [
@@ -38,22 +40,13 @@ Publish = Callable[[Dict[str, Any]], None]
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Reset the device allocator's peak counter where the device has one (CUDA/ROCm, XPU)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats(device)
-    elif device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
-        torch.xpu.reset_peak_memory_stats(device)
+    """Reset the device allocator's peak counter where the device has one (CUDA/ROCm/ZLUDA, XPU)."""
+    reset_peak(device)
 
 
 def read_peak_memory(device: torch.device) -> Tuple[Optional[int], str]:
     """``(bytes, source)`` for the device's memory peak since the last reset; bytes is None on CPU."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    if device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
-        return int(torch.xpu.max_memory_allocated(device)), "torch.xpu.max_memory_allocated"
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return int(torch.mps.current_allocated_memory()), "torch.mps.current_allocated_memory (sampled)"
-    return None, f"not tracked on {device.type.upper()}"
+    return read_peak(device)
 
 
 class RunHistory:
