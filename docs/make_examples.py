@@ -8,7 +8,11 @@ loader node declares its model files in the frontend's standard ``properties.mod
 the frontend checks them against the model folders and offers the missing-models dialog with download links.
 
 Each thumbnail is the VRAM Probe's picture for that workflow on the gfx1030 (RX 6800, 16 GiB) profile, drawn from
-:func:`noflash_core.video.estimator.estimate_run`, the numbers the node shows.
+:func:`noflash_core.video.estimator.estimate_run`, the numbers the node shows, with its verdict line. Every template
+follows that verdict (``tests/test_templates_follow_probe.py``): the Wan template decodes with VAE Decode (Tiled).
+Each template's probe has its family set and nothing connected, so it answers before the models are downloaded; a
+note says so. Nodes are placed so that none overlaps another, also once the probe draws its bars (checked in the
+browser by ``tests/comfy/test_comfyui_browser_ui.py``).
 """
 
 from __future__ import annotations

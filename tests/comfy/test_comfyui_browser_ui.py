@@ -245,11 +245,15 @@ async def _run_patched(dt, url: str, shots) -> dict:
     copied = await dt.js(_PRESS_JS + "('copy report')")
     clipboard = await dt.js("navigator.clipboard.readText().catch((e) => 'refused: ' + e)")
     last_copy = await dt.js(f"{_PROBE}.noflashLastCopy ?? null")
+    menu = await dt.js(f"(() => {{ const n = {_PROBE}; const options = []; "
+                       f"const extra = n.getExtraMenuOptions?.({APP_JS}.canvas, options); "
+                       "return [...options, ...(Array.isArray(extra) ? extra : [])].filter(Boolean)"
+                       ".map((o) => o.content); })()")
     if shots:
         await _probe_shot(dt, shots[1])
     return {"graph_id": graph_id, "before": before, "badges": badges, "runs": runs, "estimate": estimate,
             "serialized": serialized, "shown": shown, "hidden": hidden, "copied": copied, "clipboard": clipboard,
-            "last_copy": last_copy}
+            "last_copy": last_copy, "menu": menu}
 
 
 async def _probe_shot(dt, path: str) -> None:
@@ -398,6 +402,7 @@ def test_report_toggle_gives_back_the_nodes_size_and_copy_report(seen):
     assert seen["copied"]["how"] in ("clipboard", "execCommand") and seen["last_copy"] == text
     if not seen["clipboard"].startswith("refused"):
         assert seen["clipboard"] == text
+    assert "Copy NoFlash report" in seen["menu"], seen["menu"]  # also in the node's context menu
 
 
 def test_probe_with_nothing_connected_draws_a_clear_empty_state(seen):
