@@ -277,8 +277,8 @@ class StatusMonitor:
 class RunMonitor(StatusMonitor):
     """Aggregates one patched model's attention calls per sampling run (tier mix, calls, longest sequence, peak).
 
-    Arguments as for :class:`StatusMonitor`. A call's ``plan_source`` (``"model"`` or ``"tuned"``, when the
-    record carries one) is kept per tier.
+    Arguments as for :class:`StatusMonitor`. A call's plan source (``"model"`` or ``"tuned"``, when the record
+    carries one as ``plan_source`` or ``source``) is kept per tier as the status's ``plan_source``.
     """
 
     def _reset_counters(self) -> None:
@@ -297,7 +297,7 @@ class RunMonitor(StatusMonitor):
             self.calls += 1
             key = "comfy" if call.path == "comfy" else str(call.tier)
             self.tiers[key] = self.tiers.get(key, 0) + 1
-            source = getattr(call, "plan_source", None)
+            source = getattr(call, "plan_source", None) or getattr(call, "source", None)
             if source:
                 self.plan_source[key] = str(source)
             if call.path == "noflash":
