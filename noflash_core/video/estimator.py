@@ -829,5 +829,11 @@ def _verdict(phases: List[Phase], vram: Optional[int], target: TargetDevice) -> 
                           "a shorter prompt")
         else:
             advice.append(f"VAE decode needs {format_bytes(p.noflash_bytes)}: use VAE Decode (Tiled)")
-    return ("no", f"Does not fit in {card}, even with noflash ({', '.join(p.name for p in failing)})",
+    fixes = "; ".join(dict.fromkeys(_FIXES.get(p.name, "see the advice") for p in failing))
+    return ("no", f"Does not fit in {card}, even with noflash ({', '.join(p.name for p in failing)}): {fixes}",
             "; ".join(advice) + ".")
+
+
+# The fix the verdict line names when a phase does not fit even with noflash (the advice says more).
+_FIXES = {"denoise": "lower the resolution or frames", "text encoder": "use an fp8 text encoder",
+          "VAE decode": "use VAE Decode (Tiled)"}
