@@ -19,8 +19,9 @@ Totals include the weights. The target is a preset from :data:`noflash_core.devi
 :func:`noflash_core.simulate_device` on meta tensors, nothing runs on this machine), or ``"this machine"``.
 
 Precision: ComfyUI enables fp16/bf16 reductions in torch's math SDPA. The whole estimate runs with that flag fixed
-on (:func:`~noflash_core.video.comfy_attention.math_reductions`), so the same inputs give the same numbers in a
-plain process and inside ComfyUI.
+on (:func:`~noflash_core.video.comfy_attention.math_reductions`), and outside inference mode with grad off
+(:func:`~noflash_core.memory.fake_peak.plain_grad_mode`; ComfyUI runs nodes under ``torch.inference_mode()``), so
+the same inputs give the same numbers in a plain process and inside ComfyUI.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from ..device import PRESETS, DeviceProfile, device_profile, get_preset, simulate_device
-from ..memory.fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
+from ..memory.fake_peak import AttentionShape, plain_grad_mode, predict_math_peak, predict_plan_peak
 from ..memory.tracker import LiveBytesTracker
 from ..units import dtype_name, parse_dtype
 from ..units import format_bytes as _format_bytes
@@ -436,7 +437,7 @@ def _estimate_ffn(stage: AttentionStage, kind: str, batch: int, tokens: int, dty
 
     dim = stage.heads * stage.head_dim
     peaks = []
-    with FakeTensorMode(), torch.no_grad():
+    with plain_grad_mode(), FakeTensorMode():
         module = _ffn_module(kind, dim, stage.ffn_dim, dtype, _META)
         x = torch.empty(batch, tokens, dim, dtype=dtype, device=_META)
         for fn in (module, chunked_forward(module, chunks)):
@@ -656,7 +657,7 @@ def estimate_run(
     encoders = _encoder_specs(fam, text_encoders)
     vae_spec = None if vae is None or vae == "none" else (
         get_vae(fam.vae) if vae == "auto" else (vae if isinstance(vae, VAESpec) else get_vae(vae)))
-    with math_reductions(True), simulate_device(profile):
+    with math_reductions(True), simulate_device(profile), plain_grad_mode():
         return _estimate(fam, width, height, frames, batch, name, torch_dtype, target, profile, encoders,
                          max(1, int(prompt_tokens)), vae_spec, formats)
 
