@@ -22,12 +22,18 @@ from ..noflash_core.video.estimator import THIS_MACHINE, device_choices, estimat
 from ..noflash_core.video.families import family_names
 from ._schema import node_schema
 
-__all__ = ["NoFlashVRAMProbe"]
+__all__ = ["NOTHING_TO_ESTIMATE", "NoFlashVRAMProbe"]
 
 logger = logging.getLogger(__name__)
 
 _AUTO = "from model"
 _GIB = 1 << 30
+
+NOTHING_TO_ESTIMATE = (
+    "Nothing to estimate: no MODEL is connected and family is 'from model'. Pick the model's family to plan "
+    "without any model (nothing needs to be downloaded), or connect a MODEL."
+)
+"""The probe's text when neither a MODEL nor a family is given."""
 
 
 def _weights_format(module) -> str:
@@ -54,7 +60,7 @@ def _family_and_dtype(model, family: str) -> Tuple[Optional[str], str, str]:
     if family != _AUTO:
         return family, dtype, ""
     if model is None:
-        return None, dtype, "Estimate: connect a MODEL or pick a family to get the estimate."
+        return None, dtype, NOTHING_TO_ESTIMATE
     if detected is None:
         return None, dtype, (f"Estimate: no shape table for {type(model.model).__name__}; "
                              "pick the closest family.")
@@ -99,7 +105,9 @@ class NoFlashVRAMProbe(io.ComfyNode):
                              tooltip="Video frames (1 for image models)."),
                 io.Int.Input("batch", default=1, min=1, max=64, tooltip="Batch size (CFG doubles it in practice)."),
                 io.Combo.Input("family", options=[_AUTO, *family_names()], default=_AUTO,
-                               tooltip="Model family for the estimate; 'from model' reads the connected MODEL."),
+                               tooltip="The model to plan for. Pick one to get the estimate with nothing "
+                               "connected (plan before downloading: queue just this node). 'from model' reads "
+                               "the connected MODEL."),
                 io.Combo.Input("device", options=device_choices(), default=THIS_MACHINE,
                                tooltip="The card to plan for: this machine, or a GPU profile (planned on meta "
                                "tensors, so it need not be in this box)."),
@@ -111,8 +119,11 @@ class NoFlashVRAMProbe(io.ComfyNode):
                 io.Int.Input("prompt_tokens", default=256, min=1, max=1 << 16,
                              tooltip="Prompt length in tokens (before the encoder's padding and template)."),
                 io.Model.Input("model", optional=True,
-                               tooltip="Optional: the model to estimate for (its family and dtype)."),
-                io.Clip.Input("clip", optional=True, tooltip="Optional: the text encoder (its encoders)."),
+                               tooltip="Optional: the loaded model (gives its dtype, and its family when family "
+                               "is 'from model'). Leave it unconnected to plan from the family alone."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional: the loaded text encoder (its encoders and weight format for the "
+                              "text-encoder row when text_encoder is 'auto')."),
             ],
             [io.String.Output(display_name="report")],
             is_output_node=True,

@@ -75,3 +75,16 @@ def test_probe_text_in_the_server_equals_the_cli(server, family, width, height, 
         # Issue 17: the node said "math SDPA 160 MiB" and "Fits in 16.0 GiB with ComfyUI's own attention".
         assert "66.7 GiB" in text and chart["verdict"] == "noflash"
         assert "Fits in 16.0 GiB (arc) only with noflash: NoFlash Attention Patcher" in text
+
+
+def test_probe_with_nothing_connected_and_no_family_says_what_to_do(server):
+    prompt = {"1": {"class_type": "NoFlashVRAMProbe", "inputs": {
+        "width": 1024, "height": 1024, "frames": 1, "batch": 1, "family": "from model",
+        "device": _device_option(server, "gfx1030"), "vram_gb": 0, "text_encoder": "auto", "prompt_tokens": 256,
+    }}}
+    out = server.run(prompt)["outputs"]["1"]
+    text = out["text"][0]
+    assert "Nothing to estimate: no MODEL is connected and family is 'from model'" in text
+    assert "Pick the model's family" in text and "VERDICT" not in text
+    chart = out["noflash_estimate"][0]
+    assert chart["components"] == [] and chart["verdict"] is None and "Nothing to estimate" in chart["verdict_text"]
