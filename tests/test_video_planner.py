@@ -233,7 +233,11 @@ def test_plan_cli(monkeypatch, capsys):
                    "--text-encoders", "qwen2.5-vl-7b", "--prompt-tokens", "1000", "--vae", "none")
     assert "Qwen2.5-VL 7B: 1 x 1,034 tokens" in out and "gfx1010 profile" in out and "VAE decode" not in out
     out = _run_cli(monkeypatch, capsys, "--list")
-    assert "wan2.2-5b" in out and "qwen-image" in out and "gfx1030 (AMD Radeon RX 6800" in out
+    assert "wan2.2-5b" in out and "qwen-image" in out
+    assert "  gfx1030 · AMD Radeon RX 6800/6800 XT/6900 XT (RDNA2, 16 GiB)\n" in out  # the card behind each name
+    out = _run_cli(monkeypatch, capsys, "-m", "flux", "-W", "512", "-H", "512", "--device",
+                   "arc · Intel Arc A770 (16 GiB)")  # a label from --list works as well as the bare name
+    assert "planned for the arc profile" in out
     out = _run_cli(monkeypatch, capsys, "-m", "ltxv-2b", "-W", "512", "-H", "320", "-f", "25", "--json",
                    "--device", "gfx906")
     assert json.loads(out)["video_tokens"] == 4 * 10 * 16

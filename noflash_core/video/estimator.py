@@ -27,6 +27,7 @@ the same inputs give the same numbers in a plain process and inside ComfyUI.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -52,6 +53,7 @@ from .families import AttentionStage, ModelFamily, get_family
 
 __all__ = [
     "MATH_PRECISION",
+    "LABEL_SEPARATOR",
     "THIS_MACHINE",
     "AttentionEstimate",
     "FFNEstimate",
@@ -61,12 +63,15 @@ __all__ = [
     "TextEncoderEstimate",
     "VAEEstimate",
     "device_choices",
+    "device_key",
+    "device_label",
     "estimate_run",
     "format_bytes",
     "resolve_target",
 ]
 
 THIS_MACHINE = "this machine"
+LABEL_SEPARATOR = " · "
 MATH_PRECISION = "torch math SDPA with fp16/bf16 reductions on (ComfyUI's setting)"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,9 +88,24 @@ def format_bytes(n: Optional[float]) -> str:
     return "?" if n is None else _format_bytes(n)
 
 
+def device_label(profile: DeviceProfile) -> str:
+    """A preset's name and the card it stands for, e.g. ``"gfx1030 · AMD Radeon RX 6800/6800 XT/6900 XT (RDNA2,
+    16 GiB)"``: the profile's own description, with its memory appended where the description does not give it."""
+    text = " ".join(profile.description.replace(" / ", "/").split())
+    if profile.total_bytes and not re.search(r"\d\s*(GiB|GB)\b", text):
+        text = f"{text}, {format_bytes(profile.total_bytes)}"
+    return f"{profile.name}{LABEL_SEPARATOR}{text}"
+
+
 def device_choices() -> List[str]:
-    """The target devices the CLI and the node offer: ``"this machine"`` and the presets."""
-    return [THIS_MACHINE, *PRESETS]
+    """The target devices the CLI lists and the node offers: ``"this machine"``, then every preset's label."""
+    return [THIS_MACHINE, *(device_label(p) for p in PRESETS.values())]
+
+
+def device_key(choice: str) -> str:
+    """The preset name or ``"this machine"`` in a device choice: a label of :func:`device_choices`, or the bare
+    name (``"gfx1030"``) or alias as the CLI takes it."""
+    return str(choice).split(LABEL_SEPARATOR.strip(), 1)[0].strip()
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -330,8 +350,9 @@ def resolve_target(device: Union[None, str, torch.device, DeviceProfile] = THIS_
     """The target device and the profile to plan with (memory set to the VRAM planned for).
 
     Args:
-        device: a preset name or alias (``"gfx1030"``, ``"rdna2"``, ``"mps"``, ...), ``"this machine"`` (also
-            None, ``"this-machine"``, ``"auto"``), a ``torch.device`` of this machine, or a ``DeviceProfile``.
+        device: a preset name or alias (``"gfx1030"``, ``"rdna2"``, ``"mps"``, ...) or its label
+            (:func:`device_label`), ``"this machine"`` (also None, ``"this-machine"``, ``"auto"``), a
+            ``torch.device`` of this machine, or a ``DeviceProfile``.
         vram_bytes: overrides the device's memory.
 
     Raises:
@@ -343,11 +364,11 @@ def resolve_target(device: Union[None, str, torch.device, DeviceProfile] = THIS_
         base, key, real = device, device.name, not device.simulated
     elif isinstance(device, torch.device):
         base, key, real = device_profile(device), THIS_MACHINE, True
-    elif device is None or str(device).strip().lower().replace("-", " ").replace("_", " ") in (THIS_MACHINE, "auto"):
+    elif device is None or device_key(device).lower().replace("-", " ").replace("_", " ") in (THIS_MACHINE, "auto"):
         base, key, real = device_profile(None), THIS_MACHINE, True
     else:
         try:
-            base = get_preset(str(device))
+            base = get_preset(device_key(device))
         except ValueError:
             raise ValueError(
                 f"unknown device {device!r}; use 'this machine' or a preset: {', '.join(PRESETS)}"

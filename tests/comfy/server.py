@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any, Dict, Optional
 
@@ -124,7 +125,10 @@ class ComfyServer:
             RuntimeError: the prompt was rejected or ended with an error (the server's message included).
             TimeoutError: it did not finish within ``timeout`` seconds.
         """
-        queued = self.post("prompt", {"prompt": prompt, "client_id": "noflash-tests"})
+        try:
+            queued = self.post("prompt", {"prompt": prompt, "client_id": "noflash-tests"})
+        except urllib.error.HTTPError as exc:  # 400: the prompt failed validation; the body says why
+            raise RuntimeError(f"prompt rejected: {exc.read().decode(errors='replace')[:3000]}") from None
         if queued.get("node_errors"):
             raise RuntimeError(f"prompt rejected: {queued['node_errors']}")
         prompt_id = queued["prompt_id"]

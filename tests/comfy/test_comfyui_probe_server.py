@@ -88,3 +88,38 @@ def test_probe_with_nothing_connected_and_no_family_says_what_to_do(server):
     assert "Pick the model's family" in text and "VERDICT" not in text
     chart = out["noflash_estimate"][0]
     assert chart["components"] == [] and chart["verdict"] is None and "Nothing to estimate" in chart["verdict_text"]
+
+
+def test_device_choices_name_the_cards_and_old_names_still_run(server):
+    options = _combo_options(server.get("object_info/NoFlashVRAMProbe")["NoFlashVRAMProbe"]["input"]["required"]
+                             ["device"])
+    assert options[0] == "this machine"
+    assert "gfx1030 · AMD Radeon RX 6800/6800 XT/6900 XT (RDNA2, 16 GiB)" in options
+    assert all(" · " in o and "GiB" in o for o in options[1:]), options
+    # A workflow saved with the bare preset name (before the labels) still validates and plans for that card.
+    prompt = {"1": {"class_type": "NoFlashVRAMProbe", "inputs": {
+        "width": 512, "height": 512, "frames": 1, "batch": 1, "family": "flux", "device": "gfx1010", "vram_gb": 0,
+        "text_encoder": "auto", "prompt_tokens": 77}}}
+    assert "planned for the gfx1010 profile" in server.run(prompt)["outputs"]["1"]["text"][0]
+    prompt["1"]["inputs"]["device"] = "rtx9090"
+    with pytest.raises(RuntimeError, match="unknown device profile 'rtx9090'"):
+        server.run(prompt)
+
+
+def test_every_noflash_output_has_a_tooltip_and_zero_means_leave_it(server):
+    info = server.get("object_info")
+    ours = {name: node for name, node in info.items() if name.startswith("NoFlash")}
+    assert len(ours) == 6, sorted(ours)
+    for name, node in ours.items():
+        assert node["output_tooltips"] and all(node["output_tooltips"]), name
+        for group in ("required", "optional"):
+            for key, spec in node["input"].get(group, {}).items():
+                extra = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                assert extra.get("tooltip"), (name, key)
+                if extra.get("default") == 0:  # 0 is automatic: the tooltip says so and says to leave it
+                    assert "0 = " in extra["tooltip"] and "leave it" in extra["tooltip"], (name, key)
+
+
+def test_start_up_line_says_nothing_about_threshold_0(server):
+    lines = [line for line in server.log().splitlines() if "global SDPA patch" in line]
+    assert len(lines) == 1 and lines[0].startswith("noflash ") and "threshold" not in lines[0], lines
