@@ -8,7 +8,7 @@ loader node declares its model files in the frontend's standard ``properties.mod
 the frontend checks them against the model folders and offers the missing-models dialog with download links.
 
 Each thumbnail is the VRAM Probe's picture for that workflow on the gfx1030 (RX 6800, 16 GiB) profile, drawn from
-:func:`noflash_core.video.estimator.estimate_run`, the numbers the node shows.
+:func:`noflash_core.vram.estimate_run`, the numbers the node shows.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def thumbnail(title: str, chart: Dict, path: str, size: Tuple[int, int] = (480, 
 
 def main() -> int:
     sys.path.insert(0, ROOT)
-    from noflash_core.video.estimator import estimate_run
+    from noflash_core.vram import estimate_run
 
     os.makedirs(OUT, exist_ok=True)
     for name, (build, (family, width, height, frames), formats) in WORKFLOWS.items():

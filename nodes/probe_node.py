@@ -1,6 +1,6 @@
 """VRAM Probe: will a run of this size fit on the chosen card? One verdict, a bar chart, and the full text on demand.
 
-The estimate is ``noflash_core.video.estimator.estimate_run``, the same call ``python -m noflash_core.video`` makes.
+The estimate is ``noflash_core.vram.estimate_run``, the same call ``python -m noflash_core.video`` makes.
 It goes to the browser as data, ``ui["noflash_estimate"]``, which ``web/noflash.js`` draws as bars against the
 card's VRAM and keeps in the node's properties (so the last estimate survives a page reload).
 """
@@ -18,8 +18,8 @@ from ..noflash_core.comfy.families import family_for_comfy_model
 from ..noflash_core.comfy.telemetry import default_history
 from ..noflash_core.device import device_report, get_preset
 from ..noflash_core.units import dtype_name
-from ..noflash_core.video.estimator import THIS_MACHINE, device_choices, device_key, estimate_run
 from ..noflash_core.video.families import family_names
+from ..noflash_core.vram import THIS_MACHINE, device_choices, device_key, estimate_run
 from ._schema import node_schema
 
 __all__ = ["NOTHING_TO_ESTIMATE", "NoFlashVRAMProbe"]
@@ -30,8 +30,8 @@ _AUTO = "from model"
 _GIB = 1 << 30
 
 NOTHING_TO_ESTIMATE = (
-    "Nothing to estimate: no MODEL is connected and family is 'from model'. Pick the model's family to plan "
-    "without any model (nothing needs to be downloaded), or connect a MODEL."
+    "Nothing to estimate yet: connect a MODEL or pick a family. The family alone is enough: plan before "
+    "downloading anything (no model connected), then queue just this node."
 )
 """The probe's text when neither a MODEL nor a family is given."""
 

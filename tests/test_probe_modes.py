@@ -21,8 +21,8 @@ import torch
 from noflash_core.device import PRESETS
 from noflash_core.memory.fake_peak import AttentionShape, predict_math_peak, predict_plan_peak
 from noflash_core.units import format_bytes
-from noflash_core.video.estimator import THIS_MACHINE, estimate_run
 from noflash_core.video.families import MODEL_FAMILIES
+from noflash_core.vram import THIS_MACHINE, estimate_run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +92,7 @@ def test_inference_mode_estimate_equals_the_cli(family, width, height, frames, d
     assert json.loads(json.dumps(est.to_dict())) == _cli_json(family, width, height, frames, device)
     if device == "arc":
         # What the issue saw on the node: "math SDPA 160 MiB" and "Fits ... with ComfyUI's own attention".
-        assert format_bytes(est.attention[0].math_bytes) == "66.7 GiB"
+        assert format_bytes(est.denoise.attention[0].math_bytes) == "66.7 GiB"
         assert est.verdict == "noflash" and "only with noflash" in est.verdict_text
 
 

@@ -306,6 +306,15 @@ def fake_peak_bytes(
     grid_s = (2 * bn, 3 * bn, 5 * bn) if s > 5 * bn else None
     if tiles <= max_direct_tiles or (grid_l is None and grid_s is None):
         return FakePeak(run(length, s)[0], "direct")
+    return _fitted_peak(run, fn, (length, s), grid_l, grid_s, tiles <= 16 * max_direct_tiles)
+
+
+def _fitted_peak(run: Callable[..., Tuple[int, Dict[Site, int]]], fn: AttentionFn, full: Tuple[int, int],
+                 grid_l: Optional[Tuple[int, int, int]], grid_s: Optional[Tuple[int, int, int]],
+                 small_enough: bool) -> FakePeak:
+    """Fit every call site on the grid's first two points per axis, check the fit at the third, extrapolate to
+    ``full = (L, S)``; a failed check falls back to a direct run when ``small_enough``, else is unverified."""
+    length, s = full
     ls = grid_l or (length,) * 3
     ss = grid_s or (s,) * 3
     grid = [(li, si) for li in (ls[:2] if grid_l else ls[:1]) for si in (ss[:2] if grid_s else ss[:1])]
@@ -319,7 +328,6 @@ def fake_peak_bytes(
         if error <= _CHECK_TOLERANCE:
             peak, site = _predict(fits, length, s)
             return FakePeak(int(round(peak)), "affine", fits[site], " < ".join(site), error, True, nruns)
-    small_enough = tiles <= 16 * max_direct_tiles
     logger.warning(
         "fake peak: fitted call sites are off by %s at L=%d S=%d for %s; %s",
         "?" if error is None else f"{100 * error:.2f}%",

@@ -12,7 +12,7 @@ without chunking), the text encoders at the prompt's length and the VAE decode, 
 ``"gfx1030 · AMD Radeon RX 6800/6800 XT/6900 XT (RDNA2, 16 GiB)"``) or ``this-machine``; ``--vram`` overrides its
 memory. ``--list`` shows the model, encoder and device tables.
 
-The estimate itself is :func:`noflash_core.video.estimator.estimate_run`; this module only parses and prints.
+The estimate itself is :func:`noflash_core.vram.estimate_run`; this module only parses and prints.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def _parse_bytes(text: str) -> int:
 
 
 def _model_table() -> str:
-    from .encoders import TEXT_ENCODERS, VAES
-    from .estimator import device_choices
-    from .families import MODEL_FAMILIES
+    from ..video.encoders import TEXT_ENCODERS, VAES
+    from ..video.families import MODEL_FAMILIES
+    from .target import device_choices
 
     rows = [
         "model          VAE (t, px, ch)  patch    heads x dim   FFN      blocks  text  name",
@@ -64,7 +64,7 @@ def _model_table() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     from ..device import PRESETS
-    from .families import family_names
+    from ..video.families import family_names
 
     p = argparse.ArgumentParser(
         prog="python -m noflash_core.video",
@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [name for name in ("model", "width", "height") if getattr(args, name) is None]
     if missing:
         parser.error("the following arguments are required: " + ", ".join("--" + m for m in missing))
-    from .estimator import estimate_run
+    from .estimate import estimate_run
 
     try:
         est = estimate_run(
