@@ -8,7 +8,7 @@ loader node declares its model files in the frontend's standard ``properties.mod
 the frontend checks them against the model folders and offers the missing-models dialog with download links.
 
 Each thumbnail is the VRAM Probe's picture for that workflow on the gfx1030 (RX 6800, 16 GiB) profile, drawn from
-:func:`noflash_core.video.estimator.estimate_run`, the numbers the node shows, with its verdict line. Every template
+:func:`noflash_core.vram.estimate_run`, the numbers the node shows, with its verdict line. Every template
 follows that verdict (``tests/test_templates_follow_probe.py``): the Wan template decodes with VAE Decode (Tiled).
 Each template's probe has its family set and nothing connected, so it answers before the models are downloaded; a
 note says so. Nodes are placed so that none overlaps another, also once the probe draws its bars (checked in the
@@ -312,7 +312,7 @@ def thumbnail(title: str, chart: Dict, path: str, size: Tuple[int, int] = (480, 
 
 def main() -> int:
     sys.path.insert(0, ROOT)
-    from noflash_core.video.estimator import estimate_run
+    from noflash_core.vram import estimate_run
 
     os.makedirs(OUT, exist_ok=True)
     for name, (build, (family, width, height, frames), formats) in WORKFLOWS.items():

@@ -108,8 +108,9 @@ def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, mi
         io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
         io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                      tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
-                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM)."),
-    ], [port.Output(display_name=name)], hidden=[io.Hidden.unique_id])
+                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
+    ], [port.Output(display_name=name, tooltip=f"A clone of the {kind} whose attention runs noflash's tiles.")],
+        hidden=[io.Hidden.unique_id])
 
 
 def patch_clip(clip, config: OverrideConfig, producer: Optional[str] = None):

@@ -69,7 +69,7 @@ class NoFlashFFNChunker(io.ComfyNode):
             cls, "NoFlash FFN Chunker", "The diffusion model (cloned, never mutated).",
             io.Int.Input("num_chunks", default=0, min=0, max=1024,
                          tooltip="Token chunks per feed-forward call. 0 = adaptive, sized from the memory budget "
-                         "(NOFLASH_FFN_CHUNKS sets the default)."),
+                         "(NOFLASH_FFN_CHUNKS sets the default): leave it."),
         )
 
     @classmethod

@@ -80,8 +80,9 @@ def decide_and_apply(device: Optional[object] = None, *, log_prefix: str = "nofl
     decision = _decide(device_profile(device), threshold_from_env())
     if decision.enabled:
         enable(decision.threshold)
-    _log.info(
-        "%s: global SDPA patch %s: %s (threshold %d)",
-        log_prefix, "enabled" if decision.enabled else "not enabled", decision.reason, decision.threshold,
-    )
+    # NOFLASH_THRESHOLD is only worth a word when it is set: 0 (the default) routes every call the patch sees.
+    threshold = decision.threshold
+    keeps = f" (calls with under {threshold} key tokens keep torch's SDPA)" if decision.enabled and threshold else ""
+    _log.info("%s: global SDPA patch %s: %s%s", log_prefix, "enabled" if decision.enabled else "not enabled",
+              decision.reason, keeps)
     return decision

@@ -20,7 +20,7 @@ from typing import Dict, List
 
 import pytest
 
-from noflash_core.video.estimator import estimate_run
+from noflash_core.vram import estimate_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
