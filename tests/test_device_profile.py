@@ -55,9 +55,11 @@ def test_efficient_sdpa_follows_the_backends_and_the_arch():
 
 def test_the_video_cli_lists_every_preset(capsys):
     listing = run_video_cli(["--list"], capsys)
-    devices = next(line for line in listing.splitlines() if line.startswith("devices (--device)"))
+    lines = listing.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("devices (--device"))
+    devices = [line.strip() for line in lines[start + 1:start + 2 + len(PRESETS)]]
     for name, preset in PRESETS.items():
-        assert f"{name} ({preset.description})" in devices
+        assert f"{name} · {preset.description}" in devices, name
 
 
 def test_simulate_device_plans_meta_tensors_as_the_gpu():

@@ -370,13 +370,13 @@ def test_wan22_5b_on_the_zluda_rx6800_plans_as_on_gfx1030_except_what_really_dif
     differ = {k for k in linux if linux[k] != zluda[k]}
     assert differ == {
         ".device.key", ".device.description", ".device.kind", ".device.note", ".notes[0]", ".verdict_text",
-        ".attention[0].peak_bytes", ".attention[0].planner_bytes", ".attention[1].peak_bytes",
-        ".attention[1].planner_bytes", ".working_noflash_chunked_bytes",
+        ".denoise.attention[0].peak_bytes", ".denoise.attention[0].planner_bytes", ".denoise.attention[1].peak_bytes",
+        ".denoise.attention[1].planner_bytes", ".denoise.working_noflash_chunked_bytes",
     }
     assert zluda[".device.kind"] == "zluda" and "ZLUDA" in zluda[".device.description"]
     assert zluda[".verdict_text"] == linux[".verdict_text"].replace("gfx1030", "zluda-rx6800")
-    for k in (".attention[0].tier", ".attention[0].block_m", ".attention[0].block_n", ".device.paths.diffusion",
-              ".fits_noflash", ".fits_comfy", ".vae.comfy_path"):
+    for k in (".denoise.attention[0].tier", ".denoise.attention[0].block_m", ".denoise.attention[0].block_n",
+              ".device.paths.diffusion", ".denoise.fits_noflash", ".denoise.fits_comfy", ".vae.comfy_path"):
         assert zluda[k] == linux[k], k
 
 
@@ -394,4 +394,5 @@ def test_the_video_cli_plans_for_every_windows_preset(capsys, preset):
     assert est["device"]["key"] == preset and est["device"]["simulated"]
     assert est["vram_bytes"] == PRESETS[preset].total_bytes
     assert est["device"]["paths"]["diffusion"] == "sub_quad"  # ComfyUI-Zluda launches with --use-quad-cross-attention
-    assert est["attention"] and all(a["tier"] in (0, 1, 2, 3) and a["verified"] for a in est["attention"])
+    attention = est["denoise"]["attention"]
+    assert attention and all(a["tier"] in (0, 1, 2, 3) and a["verified"] for a in attention)
