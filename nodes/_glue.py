@@ -7,14 +7,18 @@ copies the callback lists while sharing the callables, so each clone of a patche
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Dict, Optional
 
-from comfy.patcher_extension import CallbacksMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
+from ..noflash_core.comfy.memory import planned_memory
 from ..noflash_core.comfy.override import (
     OverrideConfig,
     is_noflash_override,
     make_attention_override,
+    override_config,
+    override_name,
     override_previous,
     rebuild_override,
 )
@@ -78,18 +82,65 @@ def _attach_monitor(model, label: str, node_id: Optional[str]) -> RunMonitor:
     return monitor
 
 
+def _free_memory_reader(model) -> Optional[Callable[[Any], int]]:
+    """``ModelPatcher.get_free_memory`` (ComfyUI 0.33: counts what comfy-aimdo's dynamic VRAM can give back) of
+    ``model``, held weakly; None where the version has no such method (0.3.64: the planner reads free memory)."""
+    if not callable(getattr(model, "get_free_memory", None)):
+        return None
+    ref = weakref.ref(model)
+
+    def free_memory(device) -> int:
+        patcher = ref()
+        if patcher is None:
+            raise RuntimeError("the patched model is gone")
+        return patcher.get_free_memory(device)
+
+    return free_memory
+
+
+def _sampling_wrapper(monitor: RunMonitor) -> Callable[..., Any]:
+    """An ``OUTER_SAMPLE`` wrapper: at the start of each sampling run, check that the model's attention override
+    is still noflash's (a ``ModelAttentionBackend`` node or another pack placed after ours replaces it: one warning
+    per run, and ``replaced_by`` in the status), and while noflash computes attention let ComfyUI plan memory for
+    it (:func:`~noflash_core.comfy.memory.planned_memory`, this clone's run only)."""
+
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        options = getattr(guider, "model_options", {}).get("transformer_options", {})
+        active = options.get(OVERRIDE_KEY)
+        if not is_noflash_override(active):
+            name = override_name(active)
+            monitor.set_replaced_by(name)
+            logger.warning("noflash: this model's attention override was replaced after the NoFlash node (by %s, "
+                           "e.g. a ModelAttentionBackend node placed after it); noflash computes no attention in "
+                           "this run", name)
+            return executor(*args, **kwargs)
+        monitor.set_replaced_by(None)
+        if not override_config(active).enabled:
+            return executor(*args, **kwargs)
+        with planned_memory(guider.model_patcher.model):
+            return executor(*args, **kwargs)
+
+    return outer_sample
+
+
 def patch_attention(model, config: OverrideConfig, node_id: Optional[str] = None):
     """A clone of ``model`` whose attention runs the noflash override with ``config``.
 
     An override another pack installed is chained: calls we do not compute go to it. A noflash override already
     on the model is replaced, keeping whatever it chained. ``node_id`` tags the runs' status for the browser.
+    The clone also gets an ``OUTER_SAMPLE`` wrapper (:func:`_sampling_wrapper`): ComfyUI's memory planning for
+    noflash's attention, and a warning when a later node replaced the override.
     """
     m = model.clone()
     existing = current_override(m)
     previous = override_previous(existing) if is_noflash_override(existing) else existing
     label = type(m.model).__name__
     monitor = _attach_monitor(m, label, node_id)
-    install_override(m, make_attention_override(config, previous=previous, recorder=monitor.record))
+    install_override(m, make_attention_override(config, previous=previous, recorder=monitor.record,
+                                                free_memory=_free_memory_reader(m)))
+    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, CALLBACK_KEY)
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, CALLBACK_KEY, _sampling_wrapper(monitor))
     return m
 
 

@@ -135,6 +135,7 @@ class RunMonitor:
         self._lock = threading.Lock()
         self._device: Optional[torch.device] = None
         self._running = False
+        self.replaced_by: Optional[str] = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -180,6 +181,15 @@ class RunMonitor:
             self._sampled_peak = max(self._sampled_peak or 0, peak or 0)
         self._emit(force=False)
 
+    def set_replaced_by(self, name: Optional[str]) -> None:
+        """Say which attention replaced noflash's override on the model being sampled (None: noflash's is active).
+
+        Kept across :meth:`start`, which ComfyUI runs after the sampling wrapper that calls this; published in the
+        status as ``"replaced_by"``.
+        """
+        with self._lock:
+            self.replaced_by = name
+
     def finish(self) -> Optional[Dict[str, Any]]:
         """End the run: read the peak, store the run in the history, publish; returns the final status."""
         if not self._running:
@@ -213,6 +223,7 @@ class RunMonitor:
                 "device": str(self._device) if self._device is not None else "",
                 "peak_bytes": peak,
                 "peak_source": source,
+                "replaced_by": self.replaced_by,
                 "elapsed_s": round(self._clock() - self._started, 3),
                 "time": time.time(),
             }
