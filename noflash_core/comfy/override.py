@@ -261,6 +261,20 @@ def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, call: _Ca
                       block_m=config.block_m, block_n=config.block_n, budget_bytes=budget_bytes)
 
 
+def _run_tiles(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: OverrideConfig,
+               free_memory: Optional[FreeMemory]):
+    """Compute a call with noflash: ``(output in ComfyUI's layout and q's dtype, plan that ran)``."""
+    mask = normalize_comfy_mask(call.mask, q.dtype)
+    budget = config.budget_bytes
+    if budget is None:
+        budget = comfy_budget_bytes(q.device, free_memory)
+    out, plan = _dispatch(q, k, v, mask, call, config, budget)
+    out = out.to(q.dtype)  # under autocast the dispatcher computes in the autocast dtype
+    if not call.skip_output_reshape:
+        out = _merge_heads(out)
+    return out, plan
+
+
 def make_attention_override(
     config: Optional[OverrideConfig] = None,
     *,
@@ -316,14 +330,7 @@ def make_attention_override(
             out = send_on(func, args, kwargs)
             record("comfy", 0, (0, 0), q, k, reason)
             return out
-        mask = normalize_comfy_mask(call.mask, q.dtype)
-        budget = config.budget_bytes
-        if budget is None:
-            budget = comfy_budget_bytes(q.device, free_memory)
-        out, plan = _dispatch(q, k, v, mask, call, config, budget)
-        out = out.to(q.dtype)  # under autocast the dispatcher computes in the autocast dtype
-        if not call.skip_output_reshape:
-            out = _merge_heads(out)
+        out, plan = _run_tiles(call, q, k, v, config, free_memory)
         record("noflash", plan.tier, (plan.block_m, plan.block_n), q, k, plan.reason)
         return out
 
