@@ -82,17 +82,21 @@ def _attach_monitor(model, label: str, node_id: Optional[str]) -> RunMonitor:
     return monitor
 
 
-def _free_memory_reader(model) -> Optional[Callable[[Any], int]]:
-    """``ModelPatcher.get_free_memory`` (ComfyUI 0.33: counts what comfy-aimdo's dynamic VRAM can give back) of
-    ``model``, held weakly; None where the version has no such method (0.3.64: the planner reads free memory)."""
+def _free_memory_reader(model) -> Optional[Callable[[Any], Optional[int]]]:
+    """``ModelPatcher.get_free_memory`` of ``model`` (held weakly) while comfy-aimdo's dynamic VRAM is on (ComfyUI
+    0.33+: it counts the weight memory aimdo can give back, which the device's own reading does not); None from
+    the reader otherwise, and no reader where the version lacks the method: the planner then reads free memory
+    itself (on ROCm from sysfs, which ``mem_get_info`` can over-report)."""
     if not callable(getattr(model, "get_free_memory", None)):
         return None
     ref = weakref.ref(model)
 
-    def free_memory(device) -> int:
+    def free_memory(device) -> Optional[int]:
+        import comfy.memory_management
+
         patcher = ref()
-        if patcher is None:
-            raise RuntimeError("the patched model is gone")
+        if patcher is None or not getattr(comfy.memory_management, "aimdo_enabled", False):
+            return None
         return patcher.get_free_memory(device)
 
     return free_memory

@@ -630,6 +630,7 @@ def test_free_memory_reader_sets_the_budget(monkeypatch):
     assert comfy_budget_bytes(meta, lambda dev: 1 << 30) is None  # meta/CPU: the planner's own rule
     cuda = torch.device("cuda", 0)
     assert comfy_budget_bytes(cuda, None) is None
+    assert comfy_budget_bytes(cuda, lambda dev: None) is None  # no dynamic VRAM: the planner reads free memory
     assert comfy_budget_bytes(cuda, lambda dev: 10 * 2**30 + 12345) == 5 * 2**30
     assert comfy_budget_bytes(cuda, lambda dev: 100) == 1 << 20
 

@@ -22,9 +22,9 @@ from an ``OUTER_SAMPLE`` wrapper of the patched clone, so the original model and
 An object patch (``add_object_patch("memory_required", ...)``) would not do: ComfyUI applies object patches when it
 loads the model, which is after ``estimate_memory`` asked.
 
-:func:`comfy_budget_bytes` is the attention budget from ComfyUI's own free-memory reading: ComfyUI 0.33's
-dynamic VRAM (comfy-aimdo) keeps weights in memory it can give back, which ``ModelPatcher.get_free_memory`` counts
-and ``torch.cuda.mem_get_info`` does not.
+:func:`comfy_budget_bytes` is the attention budget from ComfyUI's own free-memory reading: under ComfyUI 0.33's
+dynamic VRAM (comfy-aimdo) weights sit in memory aimdo can give back, which ``ModelPatcher.get_free_memory`` counts
+and ``torch.cuda.mem_get_info`` does not. The node glue supplies that reading only while aimdo is on.
 
 Nothing here imports ComfyUI: its objects are passed in.
 """
@@ -61,7 +61,7 @@ _BUDGET_STEP = 64 * _MIB  # budgets are rounded down to this, so the dispatcher'
 _MIN_BUDGET = _MIB
 _ATTR = "memory_required"
 
-FreeMemory = Callable[[torch.device], int]
+FreeMemory = Callable[[torch.device], Optional[int]]
 
 
 def inference_dtype(model: Any) -> torch.dtype:
@@ -144,18 +144,20 @@ def planned_memory(model: Any) -> Iterator[None]:
 def comfy_budget_bytes(device: torch.device, free_memory: Optional[FreeMemory]) -> Optional[int]:
     """The attention budget from ComfyUI's free-memory reading, or None to let the planner read free memory.
 
-    None when ``free_memory`` is None, on CPU (the planner's CPU constant applies), or when ``NOFLASH_BUDGET_MB``
-    is set (the planner reads it). Otherwise :data:`~noflash_core.budget.FREE_MEMORY_FRACTION` of
+    None when ``free_memory`` is None or returns None, on CPU (the planner's CPU constant applies), or when
+    ``NOFLASH_BUDGET_MB`` is set (the planner reads it). Otherwise :data:`~noflash_core.budget.FREE_MEMORY_FRACTION` of
     ``free_memory(device)``, rounded down to 64 MiB (at least 1 MiB).
     """
     if free_memory is None or device.type in ("cpu", "meta") or os.environ.get("NOFLASH_BUDGET_MB", "").strip():
         return None
     try:
-        free = int(free_memory(device))
+        free = free_memory(device)
     except Exception as exc:  # noqa: BLE001 - a failing reader must not fail the attention call
         logger.debug("noflash: ComfyUI's free-memory reading failed (%s); the planner reads it", exc)
         return None
-    budget = int(free * FREE_MEMORY_FRACTION)
+    if free is None:
+        return None
+    budget = int(int(free) * FREE_MEMORY_FRACTION)
     if budget > _BUDGET_STEP:
         budget -= budget % _BUDGET_STEP
     return max(_MIN_BUDGET, budget)

@@ -381,3 +381,22 @@ def test_a_backend_node_after_noflash_is_reported(comfy, tiny_wan, caplog):
     assert sum("override was replaced" in r.getMessage() for r in caplog.records) == 1
     _sample(patched, torch.zeros(1, 16, 2, 16, 16), positive, negative, steps=1)
     assert comfy.module("noflash_core.comfy.telemetry").default_history().latest()["replaced_by"] is None
+
+
+def test_free_memory_is_read_through_the_patcher_under_dynamic_vram(comfy, tiny_wan, monkeypatch):
+    patched = _node(comfy, "NoFlashAttentionPatcher", tiny_wan, True, 0, 0)
+    reader = patched.model_options["transformer_options"][OVERRIDE].noflash_free_memory
+    if not hasattr(patched, "get_free_memory"):  # before 0.33: no such method, the planner reads free memory
+        assert reader is None
+        return
+    from comfy import memory_management
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory_management, "aimdo_enabled", False)
+    assert reader(cpu) is None  # no dynamic VRAM: noflash's own reading (ROCm sysfs) stays in charge
+    seen = []
+    monkeypatch.setattr(type(patched), "get_free_memory", lambda self, device: seen.append(device) or 3 << 30)
+    monkeypatch.setattr(memory_management, "aimdo_enabled", True)
+    assert reader(cpu) == 3 << 30 and seen == [cpu]
+    budget = comfy.module("noflash_core.comfy.memory").comfy_budget_bytes(torch.device("cuda", 0), reader)
+    assert budget == (3 << 30) // 2  # FREE_MEMORY_FRACTION of ComfyUI's figure
