@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from comfy.patcher_extension import CallbacksMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
+from ..noflash_core.comfy.memory import planned_memory
 from ..noflash_core.comfy.override import (
     OverrideConfig,
     is_noflash_override,
     make_attention_override,
     override_config,
+    override_name,
     override_previous,
     override_recorder,
 )
@@ -120,11 +123,59 @@ def _attach_monitor(model, label: str, node_ids: Sequence[Optional[str]]) -> Run
     return monitor
 
 
+def _free_memory_reader(model) -> Optional[Callable[[Any], Optional[int]]]:
+    """``ModelPatcher.get_free_memory`` of ``model`` (held weakly) while comfy-aimdo's dynamic VRAM is on (ComfyUI
+    0.33+: it counts the weight memory aimdo can give back, which the device's own reading does not); None from
+    the reader otherwise, and no reader where the version lacks the method: the planner then reads free memory
+    itself (on ROCm from sysfs, which ``mem_get_info`` can over-report)."""
+    if not callable(getattr(model, "get_free_memory", None)):
+        return None
+    ref = weakref.ref(model)
+
+    def free_memory(device) -> Optional[int]:
+        import comfy.memory_management
+
+        patcher = ref()
+        if patcher is None or not getattr(comfy.memory_management, "aimdo_enabled", False):
+            return None
+        return patcher.get_free_memory(device)
+
+    return free_memory
+
+
+def _sampling_wrapper(monitor: RunMonitor) -> Callable[..., Any]:
+    """An ``OUTER_SAMPLE`` wrapper: at the start of each sampling run, check that the model's attention override
+    is still noflash's (a ``ModelAttentionBackend`` node or another pack placed after ours replaces it: one warning
+    per run, and ``replaced_by`` in the status), and while noflash computes attention let ComfyUI plan memory for
+    it (:func:`~noflash_core.comfy.memory.planned_memory`, this clone's run only)."""
+
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        options = getattr(guider, "model_options", {}).get("transformer_options", {})
+        active = options.get(OVERRIDE_KEY)
+        if not is_noflash_override(active):
+            name = override_name(active)
+            monitor.set_replaced_by(name)
+            logger.warning("noflash: this model's attention override was replaced after the NoFlash node (by %s, "
+                           "e.g. a ModelAttentionBackend node placed after it); noflash computes no attention in "
+                           "this run", name)
+            return executor(*args, **kwargs)
+        monitor.set_replaced_by(None)
+        if not override_config(active).enabled:
+            return executor(*args, **kwargs)
+        with planned_memory(guider.model_patcher.model):
+            return executor(*args, **kwargs)
+
+    return outer_sample
+
+
 def patch_attention(model, config: OverrideConfig, node_id: Optional[str] = None):
     """A clone of ``model`` whose attention runs the noflash override with ``config``.
 
     An override another pack installed is chained: calls we do not compute go to it. A noflash override already
     on the model is replaced, keeping whatever it chained. ``node_id`` tags the runs' status for the browser.
+    The clone also gets an ``OUTER_SAMPLE`` wrapper (:func:`_sampling_wrapper`): ComfyUI's memory planning for
+    noflash's attention, and a warning when a later node replaced the override.
     """
     m = model.clone()
     existing = current_override(m)
@@ -134,7 +185,10 @@ def patch_attention(model, config: OverrideConfig, node_id: Optional[str] = None
 
 def _install(m, config: OverrideConfig, previous, node_ids: Sequence[Optional[str]]):
     monitor = _attach_monitor(m, type(m.model).__name__, node_ids)
-    install_override(m, make_attention_override(config, previous=previous, recorder=monitor.record))
+    install_override(m, make_attention_override(config, previous=previous, recorder=monitor.record,
+                                                free_memory=_free_memory_reader(m)))
+    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, CALLBACK_KEY)
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, CALLBACK_KEY, _sampling_wrapper(monitor))
     return m
 
 

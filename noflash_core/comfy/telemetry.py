@@ -179,6 +179,7 @@ class StatusMonitor:
         self._device: Optional[torch.device] = None
         self._running = False
         self._origin: Dict[str, Optional[str]] = dict.fromkeys(ORIGIN_KEYS)
+        self.replaced_by: Optional[str] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -221,6 +222,15 @@ class StatusMonitor:
             peak, _ = read_peak_memory(self._device)
             self._sampled_peak = max(self._sampled_peak or 0, peak or 0)
 
+    def set_replaced_by(self, name: Optional[str]) -> None:
+        """Say which attention replaced noflash's override on the model being sampled (None: noflash's is active).
+
+        Kept across :meth:`start`, which ComfyUI runs after the sampling wrapper that calls this; published in the
+        status as ``"replaced_by"``.
+        """
+        with self._lock:
+            self.replaced_by = name
+
     def finish(self) -> Optional[Dict[str, Any]]:
         """End the run: read the peak, store the run in the history, publish; returns the final status."""
         if not self._running:
@@ -250,6 +260,7 @@ class StatusMonitor:
                 "device": str(self._device) if self._device is not None else "",
                 "peak_bytes": peak,
                 "peak_source": source,
+                "replaced_by": self.replaced_by,
                 "elapsed_s": round(self._clock() - self._started, 3),
                 "time": time.time(),
             }
