@@ -47,7 +47,7 @@ from .comfy_attention import (
     vae_split_bytes,
 )
 from .encoders import TextEncoderSpec, VAESpec, get_encoder, get_vae
-from .families import AttentionStage, ModelFamily, get_family
+from .families import AttentionStage, ModelFamily, attention_calls, get_family, latent_frames, stage_tokens
 
 __all__ = [
     "MATH_PRECISION",
@@ -379,7 +379,7 @@ def _latent_and_grid(
         raise ValueError(f"width, height and frames must be positive, got {width}x{height}, {frames} frames")
     if not fam.is_video and frames != 1:
         raise ValueError(f"{fam.display} is an image model: use frames=1 (got {frames}); use batch for more images")
-    lat_t = (frames - 1) // fam.vae_temporal + 1 if fam.is_video else 1
+    lat_t = latent_frames(fam, frames)
     lat_h, lat_w = height // fam.vae_spatial, width // fam.vae_spatial
     if lat_h == 0 or lat_w == 0:
         raise ValueError(f"{width}x{height} is smaller than one latent pixel ({fam.vae_spatial} px) of {fam.display}")
@@ -389,11 +389,7 @@ def _latent_and_grid(
 
 
 def _stage_tokens(grid: Tuple[int, int, int], stage: AttentionStage) -> int:
-    t, h, w = grid
-    d = stage.downsample
-    for _ in range(int(math.log2(d))):  # stride-2 convs with padding 1: ceil(x / 2) per level
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return t * h * w
+    return stage_tokens(grid, stage)
 
 
 # ---------------------------------------------------------------------------------------------- FFN
@@ -669,6 +665,7 @@ class _Geometry:
     dtype: torch.dtype
     elt: int
     paths: ComfyPaths
+    frames: int = 1
 
 
 @dataclass
@@ -685,20 +682,17 @@ def _estimate_blocks(g: _Geometry, vram: Optional[int], loaded_weights: int) -> 
     fam = g.fam
     out = _Blocks([], [], 0, (0, 0, 0), [])
     phases: Tuple[List[int], List[int], List[int]] = ([], [], [])
-    multi = len(fam.stages) > 1
-    for i, stage in enumerate(fam.stages):
-        q_len = _stage_tokens(g.grid, stage) + fam.joint_text_tokens
+    # Tokens per call (reference images, audio streams, padding) come from the family (families.attention_calls).
+    for stage_calls in attention_calls(fam, g.grid, g.frames):
+        stage, q_len = stage_calls.stage, stage_calls.tokens
         act = g.batch * q_len * stage.heads * stage.head_dim * g.elt
         out.activation_bytes = max(out.activation_bytes, 5 * act)
         budget = _attention_budget(vram, loaded_weights + 5 * act)
         free = _free(vram, loaded_weights + 5 * act)
-        suffix = f" (stage {i + 1}, /{stage.downsample})" if multi else ""
-        calls = [("self" + suffix, q_len)]
-        if fam.cross_tokens:
-            calls.append(("cross" + suffix, fam.cross_tokens))
         stage_comfy = stage_noflash = 0
-        for name, kv_len in calls:
-            shape = AttentionShape(g.batch, stage.heads, q_len, kv_len, stage.head_dim)
+        for call in stage_calls.calls:
+            name = call.name
+            shape = AttentionShape(g.batch, call.heads, call.q_len, call.kv_len, call.head_dim)
             est = _estimate_attention(name, shape, g.dtype, budget, g.paths, free, fam.skip_reshape)
             out.attention.append(est)
             stage_comfy = max(stage_comfy, est.comfy_bytes)
@@ -729,7 +723,7 @@ def _estimate(fam: ModelFamily, width: int, height: int, frames: int, batch: int
     weight_elt, te_weight_elt = _WEIGHT_BYTES[formats[0]], _WEIGHT_BYTES[formats[1]]
     weights = int(fam.nominal_params * weight_elt)
     block_weights = int(math.ceil(weights / max(1, fam.layers)))
-    geometry = _Geometry(fam, grid, batch, torch_dtype, elt, target.paths)
+    geometry = _Geometry(fam, grid, batch, torch_dtype, elt, target.paths, frames)
 
     weights_resident = vram is None or weights < vram
     blocks = _estimate_blocks(geometry, vram, weights if weights_resident else block_weights)
