@@ -14,7 +14,7 @@ from comfy_api.latest import io
 
 from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
 from ..noflash_core.comfy.override import OverrideConfig
-from ..noflash_core.comfy.vae import VAE_ATTENTION_ATTR, VAEAttention, vae_attention_names
+from ..noflash_core.comfy.vae import VAEAttention, vae_attention_keys
 from ._schema import node_schema
 
 __all__ = ["ENCODE_KEY", "NoFlashCLIPPatcher", "NoFlashVAEPatcher", "clone_vae", "patch_clip", "patch_vae"]
@@ -67,15 +67,14 @@ def patch_vae(vae, config: OverrideConfig):
     """A clone of ``vae`` whose attention blocks run on noflash's tiles (``(clone, number of blocks)``)."""
     n = clone_vae(vae)
     stats = RouteStats()
-    names = vae_attention_names(n.first_stage_model)
-    for name in names:
-        key = f"{name}.{VAE_ATTENTION_ATTR}"
+    keys = vae_attention_keys(n.first_stage_model)
+    for key in keys:
         previous = n.patcher.get_model_object(key)
         if isinstance(previous, VAEAttention):
             previous = previous.previous
         n.patcher.add_object_patch(key, VAEAttention(previous, config, stats))
     n.noflash_stats = stats
-    return n, len(names)
+    return n, len(keys)
 
 
 class NoFlashCLIPPatcher(io.ComfyNode):
