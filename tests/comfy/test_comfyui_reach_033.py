@@ -46,12 +46,22 @@ def _assert_exact(patched: torch.Tensor, original: torch.Tensor, truth: torch.Te
     assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e} (ComfyUI's own error sets it)"
 
 
-def _require(module: str, name: str):
+def _require(module: str, name: str = ""):
+    """``module.name`` (or the module itself), skipping where this ComfyUI does not have it (feature detection)."""
     import importlib
+    import importlib.util
 
-    found = getattr(importlib.import_module(module), name, None)
-    if found is None:
-        pytest.skip(f"this ComfyUI has no {module}.{name} (added after 0.3.64)")
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a parent package is missing
+        spec = None
+    if spec is None:
+        pytest.skip(f"this ComfyUI has no {module} (added after 0.3.64)")
+    found = importlib.import_module(module)
+    if name:
+        found = getattr(found, name, None)
+        if found is None:
+            pytest.skip(f"this ComfyUI has no {module}.{name} (added after 0.3.64)")
     return found
 
 
@@ -164,7 +174,8 @@ def _exact_vae(rt, vae):
 
 
 def test_hunyuanvideo15_vae_through_vae_patcher(rt):
-    refiner = _require("comfy.ldm.hunyuan_video", "vae_refiner")
+    _require("comfy.latent_formats", "HunyuanVideo15")  # the 1.5 VAE is detected where ComfyUI knows HunyuanVideo 1.5
+    refiner = _require("comfy.ldm.hunyuan_video.vae_refiner")
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencodingEngine
 
@@ -194,8 +205,7 @@ def test_hunyuanvideo15_vae_through_vae_patcher(rt):
 
 
 def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
-    seedvr = _require("comfy.ldm", "seedvr")
-    import comfy.ldm.seedvr.vae  # noqa: F401
+    seedvr_vae = _require("comfy.ldm.seedvr.vae")
     import comfy.model_patcher
 
     vae_mod = rt.module("noflash_core.comfy.vae")
@@ -204,7 +214,7 @@ def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
     class _Holder(torch.nn.Module):  # the mid-block's attention as SeedVR2's decoder builds it (single head)
         def __init__(self):
             super().__init__()
-            self.attn = seedvr.vae.Attention(64, heads=1, dim_head=64, norm_num_groups=8, residual_connection=True)
+            self.attn = seedvr_vae.Attention(64, heads=1, dim_head=64, norm_num_groups=8, residual_connection=True)
 
     holder = te.randomize_(_Holder(), seed=9).eval()
     keys = vae_mod.vae_attention_keys(holder)
