@@ -13,8 +13,15 @@ import logging
 from comfy_api.latest import io
 
 from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
+from ..noflash_core.comfy.module_swap import global_users
 from ..noflash_core.comfy.override import OverrideConfig
-from ..noflash_core.comfy.vae import VAEAttention, vae_attention_keys
+from ..noflash_core.comfy.vae import (
+    GLOBAL_ATTENTION_NAME,
+    ROUTED_METHODS,
+    VAEAttention,
+    VAEGlobalRouter,
+    vae_attention_keys,
+)
 from ._schema import node_schema
 
 __all__ = ["ENCODE_KEY", "NoFlashCLIPPatcher", "NoFlashVAEPatcher", "clone_vae", "patch_clip", "patch_vae"]
@@ -73,8 +80,14 @@ def patch_vae(vae, config: OverrideConfig):
         if isinstance(previous, VAEAttention):
             previous = previous.previous
         n.patcher.add_object_patch(key, VAEAttention(previous, config, stats))
+    routed = len(global_users(n.first_stage_model, GLOBAL_ATTENTION_NAME))  # modules calling the global function
+    for method in (m for m in ROUTED_METHODS if routed and callable(getattr(n.first_stage_model, m, None))):
+        previous = n.patcher.get_model_object(method)
+        if isinstance(previous, VAEGlobalRouter):
+            previous = previous.call
+        n.patcher.add_object_patch(method, VAEGlobalRouter(previous, n.first_stage_model, config, stats))
     n.noflash_stats = stats
-    return n, len(keys)
+    return n, len(keys) + routed
 
 
 class NoFlashCLIPPatcher(io.ComfyNode):

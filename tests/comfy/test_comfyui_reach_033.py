@@ -242,3 +242,49 @@ def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
     _assert_exact(patched, original, truth)
     assert "optimized_vae_attention" in holder.attn.__dict__ and not isinstance(
         holder.attn.optimized_vae_attention, vae_mod.VAEAttention)  # restored after the clone unpatched
+
+
+def test_minimax_h3_vae_module_level_attention_reached_through_decode(rt):
+    """The MiniMax H3 VAE's transformer blocks call the module-level ``optimized_attention`` (no
+    ``transformer_options``): the VAE Patcher's object patch on ``decode`` swaps that global for the call only."""
+    minimax_vae = _require("comfy.ldm.minimax.vae")
+    import comfy.model_patcher
+
+    vae_mod = rt.module("noflash_core.comfy.vae")
+    swap = rt.module("noflash_core.comfy.module_swap")
+    override = rt.module("noflash_core.comfy.override")
+
+    class _Holder(torch.nn.Module):  # a VAE model whose decode runs one of MiniMax H3's attention blocks
+        def __init__(self):
+            super().__init__()
+            self.attn = minimax_vae.Attention(heads=2, dim_head=32)
+
+        def decode(self, x):
+            return self.attn(x)
+
+    holder = te.randomize_(_Holder(), seed=11).eval()
+    assert swap.global_users(holder, "optimized_attention") == [minimax_vae]
+    comfy_function = minimax_vae.optimized_attention
+    x = torch.randn(1, 900, 64, generator=torch.Generator().manual_seed(12))  # 2 heads x 900^2 scores
+    patcher = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
+
+    def run(router=None):
+        clone = patcher.clone()
+        if router is not None:
+            clone.add_object_patch("decode", router)
+        clone.patch_model()
+        try:
+            with torch.no_grad():
+                return holder.decode(x)
+        finally:
+            clone.unpatch_model()
+
+    original = run()
+    noflash = vae_mod.VAEGlobalRouter(holder.decode, holder, override.OverrideConfig(min_tokens=0))
+    patched = run(noflash)
+    truth = run(vae_mod.VAEGlobalRouter(holder.decode, holder, override.OverrideConfig(min_tokens=0),
+                                        route=te.float64_route))
+    assert noflash.stats.calls == {"noflash": 1} and noflash.stats.max_q_len == 900, noflash.stats
+    _assert_exact(patched, original, truth)
+    assert minimax_vae.optimized_attention is comfy_function  # the module's global is ComfyUI's again
+    assert "decode" not in holder.__dict__ or not isinstance(holder.__dict__["decode"], vae_mod.VAEGlobalRouter)
