@@ -159,6 +159,61 @@ def test_2026_text_encoder_through_clip_patcher(rt, config_name, what, monkeypat
     assert torch.equal(clip.encode_from_tokens(tokens), original)
 
 
+def _tiny_gemma4_clip(gemma4, seed: int = 0):
+    """ComfyUI 0.33's ``Gemma4Transformer`` (the Gemma 4 text model; its attention calls
+    ``optimized_attention_for_device(...)(...)`` inline) at width 64: 2 layers of 4 query and 2 key/value heads of
+    16, one sliding-window layer (window 256) and one global layer, no shared-KV layers."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.llama as llama
+
+    class _Tiny(llama.BaseLlama, torch.nn.Module):
+        def __init__(self, config_dict, dtype, device, operations):
+            super().__init__()
+            config = gemma4.Gemma4Config(**config_dict)
+            config.head_dim = config.global_head_dim = 16  # class attributes: set on this instance only
+            config.sliding_attention = [256, False]
+            self.num_layers = config.num_hidden_layers
+            self.model = gemma4.Gemma4Transformer(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    config = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size_per_layer_input": 0,
+              "num_kv_shared_layers": 0}
+    model = comfy.sd1_clip.SDClipModel(
+        device="cpu", textmodel_json_config=config, dtype=torch.float32, special_tokens={"pad": 0},
+        layer_norm_hidden_state=False, model_class=_Tiny, enable_attention_masks=True, return_attention_masks=True,
+        model_options={"model_name": "tiny_gemma4"})
+    te.randomize_(model, seed)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar"):  # a buffer ComfyUI leaves to the checkpoint
+                buf.fill_(1.0)
+    return te.make_clip(model)
+
+
+def test_gemma4_inline_attention_through_clip_patcher(rt, monkeypatch):
+    """Gemma 4 picks its attention function inline (``optimized_attention_for_device(...)(q, k, v, ...)``): the
+    CLIP Patcher's router swaps that module-level name during the clone's encode only."""
+    gemma4 = _require("comfy.text_encoders.gemma4")
+    clip = _tiny_gemma4_clip(gemma4)
+    tokens = te.token_batch([_TOKENS, 531], _TOKENS, pad=0)
+    counter = _CountComfyAttention(monkeypatch)
+    original = clip.encode_from_tokens(tokens)
+    comfy_calls = counter.calls
+    assert comfy_calls >= 2 and original.abs().max() > 1e-2
+
+    patched_clip = _node(rt, "NoFlashCLIPPatcher", clip, True, 0, 0)
+    picker = gemma4.optimized_attention_for_device
+    patched = patched_clip.encode_from_tokens(tokens)
+    assert counter.calls == comfy_calls  # no call went to ComfyUI's attention
+    stats = patched_clip.patcher.object_patches["encode_token_weights"].stats
+    assert stats.calls == {"noflash": comfy_calls} and stats.tiers, stats
+    truth = _exact_clip(rt, clip).encode_from_tokens(tokens)
+    _assert_exact(patched, original, truth)
+    assert gemma4.optimized_attention_for_device is picker  # the module's global is ComfyUI's again
+    assert torch.equal(clip.encode_from_tokens(tokens), original)
+
+
 # ---- VAEs --------------------------------------------------------------------------------------------------------
 
 
