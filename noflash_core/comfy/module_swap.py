@@ -13,8 +13,9 @@ That is the scheme the CLIP Patcher already uses for instance ``forward`` s. The
 running the same module's code during the call would be routed too (ComfyUI executes prompts in one thread).
 
 :func:`global_users` finds the modules to swap in from the model itself: the modules that define the classes of its
-submodules and whose methods load the name as a global (read from the bytecode, so ``self.optimized_attention``
-attribute reads do not count). Nothing here imports ComfyUI.
+submodules and whose functions or methods load the name as a global (read from the bytecode, so
+``self.optimized_attention`` attribute reads do not count; GPT-OSS calls it from a module-level helper). Nothing
+here imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -34,20 +35,31 @@ __all__ = ["global_users", "swapped_globals"]
 _LOCK = threading.RLock()
 
 
-@functools.cache
-def _loads_global(cls: type, name: str) -> bool:
-    """Whether a method defined on ``cls`` (not inherited) loads ``name`` as a global."""
-    for attr in vars(cls).values():
-        code = getattr(attr, "__code__", None)
-        if code is None or name not in code.co_names:
+def _code_loads(code: types.CodeType, name: str) -> bool:
+    return name in code.co_names and any(
+        ins.opname == "LOAD_GLOBAL" and ins.argval == name for ins in dis.get_instructions(code))
+
+
+def _functions(mod: types.ModuleType) -> Iterator[types.FunctionType]:
+    """The functions defined in ``mod``: module-level ones and the methods of its classes."""
+    for obj in list(vars(mod).values()):
+        if getattr(obj, "__module__", None) != mod.__name__:
             continue
-        if any(ins.opname == "LOAD_GLOBAL" and ins.argval == name for ins in dis.get_instructions(code)):
-            return True
-    return False
+        if isinstance(obj, types.FunctionType):
+            yield obj
+        elif isinstance(obj, type):
+            yield from (f for f in vars(obj).values() if isinstance(f, types.FunctionType))
+
+
+@functools.cache
+def _module_loads(mod: types.ModuleType, name: str) -> bool:
+    """Whether code defined in ``mod`` (a function or a method) loads ``name`` as a global."""
+    return any(_code_loads(f.__code__, name) for f in _functions(mod))
 
 
 def global_users(root: torch.nn.Module, name: str) -> List[types.ModuleType]:
-    """The Python modules whose classes, among ``root``'s submodules, call the global ``name`` (each once)."""
+    """The Python modules that define classes of ``root``'s submodules and whose code calls the global ``name``
+    (each module once, in the order found)."""
     found: List[types.ModuleType] = []
     for module in root.modules():
         for cls in type(module).__mro__:
@@ -56,7 +68,7 @@ def global_users(root: torch.nn.Module, name: str) -> List[types.ModuleType]:
             mod = sys.modules.get(cls.__module__)
             if mod is None or mod in found or not callable(mod.__dict__.get(name)):
                 continue
-            if _loads_global(cls, name):
+            if _module_loads(mod, name):
                 found.append(mod)
     return found
 
