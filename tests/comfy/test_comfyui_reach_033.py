@@ -214,6 +214,19 @@ def test_gemma4_inline_attention_through_clip_patcher(rt, monkeypatch):
     assert torch.equal(clip.encode_from_tokens(tokens), original)
 
 
+def test_gpt_oss_attention_module_is_found_for_the_swap(rt):
+    """GPT-OSS picks its function inside a module-level helper (``_attention_with_sinks``): the swap finds its
+    module from an attention block of the encoder. (Its encode runs the same swap as Gemma 4's above.)"""
+    gpt_oss = _require("comfy.text_encoders.gpt_oss")
+    import comfy.ops
+
+    swap = rt.module("noflash_core.comfy.module_swap")
+    with torch.device("meta"):
+        block = gpt_oss.GptOssAttention(gpt_oss.GptOss20BConfig(), 0, ops=comfy.ops.disable_weight_init)
+    assert swap.global_users(block, "optimized_attention_for_device") == [gpt_oss]
+    assert swap.global_users(block, "optimized_attention") == []
+
+
 # ---- VAEs --------------------------------------------------------------------------------------------------------
 
 
