@@ -108,6 +108,10 @@ def test_every_new_family_is_selectable_and_has_its_encoders():
         for enc in fam.text_encoders:
             get_encoder(enc)
         get_vae(fam.vae)
+        # A prompt-dependent text length is an assumption and says so (LTX-2's Gemma prompt is padded to 1024).
+        assert key.startswith("ltx-2") or any("text tokens" in a for a in fam.assumed), key
+    note = " ".join(estimate_run("krea2", 512, 512, device="cpu", text_encoders="none", vae="none").notes)
+    assert "Krea 2: assumed 256 text tokens" in note
     assert get_family("LTX2").name == "ltx-2" and get_family("flux2").name == "flux2-dev"
     for attr in ("gemma3_12b", "qwen3_4b", "qwen3vl_4b", "qwen3vl_32b", "mistral3_24b"):
         assert ENCODER_ATTRIBUTES[attr] in TEXT_ENCODER_CHOICES

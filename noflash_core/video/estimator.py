@@ -740,6 +740,8 @@ def _estimate(fam: ModelFamily, width: int, height: int, frames: int, batch: int
         )
     if fam.joint_text_tokens and fam.name == "qwen-image":
         notes.append("Qwen-Image's prompt length varies; the transformer assumes 256 text tokens")
+    if fam.assumed:
+        notes.append(f"{fam.display}: assumed {'; '.join(fam.assumed)}")
 
     denoise_nodes = ("Attention Patcher",) if fits[1] or vram is None else ("Attention Patcher", "FFN Chunker")
     phases = [Phase("denoise", loaded + blocks.working[0],

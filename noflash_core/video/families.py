@@ -126,6 +126,7 @@ class ModelFamily:
         frame_rule: how frames become latent frames: ``"causal"`` (``(frames - 1) // vae_temporal + 1``) or
             ``"minimax"`` (MiniMax H3: frames snapped up to ``17k + 5``, then ``(frames - 5) // 17 * 5 + 2``).
         pad_multiple: the text and the image tokens are each padded up to this multiple (Z-Image: 32).
+        assumed: the figures of this row that are assumptions, not read from ComfyUI (the estimate lists them).
     """
 
     name: str
@@ -147,6 +148,7 @@ class ModelFamily:
     reference_images: int = 0
     frame_rule: str = "causal"
     pad_multiple: int = 1
+    assumed: Tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
@@ -231,6 +233,7 @@ def _ltx2(name: str, display: str, params: float) -> ModelFamily:
     return ModelFamily(
         name, display, 32, 8, 128, _P111, (AttentionStage(1, 32, 128, 4 * 4096, 48),), "gelu", 0, 1024, params,
         True, ("gemma-3-12b",), "ltxv", False, audio=AudioStream(25.0, 1, 25.0, audio_stage, 1024),
+        assumed=("audio at the default 25 fps of LTXVEmptyLatentAudio",),
     )
 
 
@@ -246,24 +249,28 @@ def _new_families() -> List[ModelFamily]:
         # joins the attention, 256 tokens assumed (ByT5 glyph tokens and the I2V SigLIP tokens not counted).
         ModelFamily("hunyuanvideo-1.5", "HunyuanVideo 1.5 8.3B", 16, 4, 32, _P111,
                     (AttentionStage(1, 16, 128, 4 * 2048, 54),), "gelu", 256, 0, 8.3e9, True,
-                    ("qwen2.5-vl-7b",), "hunyuanvideo-1.5", True),
+                    ("qwen2.5-vl-7b",), "hunyuanvideo-1.5", True,
+                    assumed=("hidden 2048, 54 blocks, patch 1 (checkpoint)", "256 text tokens (no ByT5/SigLIP)")),
         # Flux 2 dev: model_detection.py (flux2 branch): num_heads 48 (hidden // sum(axes_dim = 4 x 32)), head 128,
         # mlp_ratio 3.0 with a SiLU-gated MLP, patch_size 1 on latent_formats.Flux2 (128 channels, /16).
         # Checkpoint figures (assumed): hidden 6144, 8 double + 48 single blocks. Text: Mistral Small 3 (no padding,
         # text_encoders/flux.py min_length=1); 512 prompt+template tokens assumed.
         ModelFamily("flux2-dev", "Flux 2 dev 32B", 16, 1, 128, _P111, (AttentionStage(1, 48, 128, 3 * 6144, 56),),
-                    "geglu", 512, 0, 32e9, False, ("mistral-small-24b",), "flux2", True),
+                    "geglu", 512, 0, 32e9, False, ("mistral-small-24b",), "flux2", True,
+                    assumed=("hidden 6144, 8 + 48 blocks (checkpoint)", "512 text tokens")),
         # Z-Image: model_detection.py (lumina2 branch, dim 3840): 30 heads = 30 kv heads (head 128), FFN
         # int(8/3 x 3840) = 10240 rounded to 256 (ldm/lumina/model.py FeedForward, SwiGLU), patch 2, Flux latent
         # (16 channels, /8); cap_pad_token: text and image tokens padded to a multiple of 32 (pad_zimage).
         # Checkpoint (assumed): 30 main layers (+ 2 noise + 2 context refiner layers). Text: Qwen3 4B, 256 assumed.
         ModelFamily("z-image", "Z-Image 6B", 8, 1, 16, _P122, (AttentionStage(1, 30, 128, 10240, 30, 30),),
-                    "geglu", 256, 0, 6e9, False, ("qwen3-4b",), "sd", True, pad_multiple=32),
+                    "geglu", 256, 0, 6e9, False, ("qwen3-4b",), "sd", True, pad_multiple=32,
+                    assumed=("30 layers (checkpoint)", "256 text tokens")),
         # Qwen-Image-Edit: the Qwen-Image transformer (ldm/qwen_image/model.py) with reference latents appended to
         # the image tokens (model_base.QwenImage ref_latents); one reference at the output size assumed.
         ModelFamily("qwen-image-edit", "Qwen-Image-Edit 20B", 8, 1, 16, _P122,
                     (AttentionStage(1, 24, 128, 4 * 3072, 60),), "gelu", 256, 0, 20e9, False, ("qwen2.5-vl-7b",),
-                    "wan2.1", True, reference_images=1),
+                    "wan2.1", True, reference_images=1,
+                    assumed=("one reference image at the output size", "256 text tokens")),
         # Kandinsky 5: model_detection.py (kandinsky5 branch) and ldm/kandinsky5/model.py: head_dim = sum(axes_dims)
         # (lite 16+24+24 = 64, pro 32+48+48 = 128), heads = model_dim // head_dim, patch (1, 2, 2), text by
         # cross-attention; latent_formats.HunyuanVideo (16 channels, /8, /4). Lite: model_dim 1792, ff_dim 7168,
@@ -271,10 +278,10 @@ def _new_families() -> List[ModelFamily]:
         # Text: Qwen2.5-VL (template cropped), 256 tokens assumed.
         ModelFamily("kandinsky5-lite", "Kandinsky 5 Video Lite 2B", 8, 4, 16, _P122,
                     (AttentionStage(1, 28, 64, 7168, 32),), "gelu", 0, 256, 2e9, True, ("qwen2.5-vl-7b", "clip-l"),
-                    "hunyuanvideo", True),
+                    "hunyuanvideo", True, assumed=("256 text tokens",)),
         ModelFamily("kandinsky5-pro", "Kandinsky 5 Video Pro 19B", 8, 4, 16, _P122,
                     (AttentionStage(1, 32, 128, 16384, 60),), "gelu", 0, 256, 19e9, True, ("qwen2.5-vl-7b", "clip-l"),
-                    "hunyuanvideo", True),
+                    "hunyuanvideo", True, assumed=("FFN 16384, 60 blocks (checkpoint)", "256 text tokens")),
         # MiniMax H3: ldm/minimax/model.py MiniMaxH3Model defaults (50 layers, 56 heads x 128, FFN 14336 gated,
         # patch 1x2x2, one packed sequence [text | references | audio | video]); latent_formats.MiniMaxH3Video
         # (24 channels, /16); comfy_extras/nodes_minimax_h3.py: frames snapped to 17k+5 at 24 fps, latent frames
@@ -282,13 +289,14 @@ def _new_families() -> List[ModelFamily]:
         # layer 50, 256 tokens assumed; parameters estimated from the shapes (assumed).
         ModelFamily("minimax-h3", "MiniMax H3 (video + audio)", 16, 4, 24, _P122,
                     (AttentionStage(1, 56, 128, 14336, 50),), "geglu", 256, 0, 19e9, True, ("qwen3-vl-32b",),
-                    "minimax-h3", True, audio=AudioStream(40.0, 2, 24.0), frame_rule="minimax"),
+                    "minimax-h3", True, audio=AudioStream(40.0, 2, 24.0), frame_rule="minimax",
+                    assumed=("256 text tokens", "no reference images")),
         # Krea 2: model_detection.py (krea2 branch) with ldm/krea2/model.py defaults: features 6144, 48 heads x 128,
         # 12 kv heads (GQA), 28 layers, patch 2, SwiGLU int(2 x 6144 / 3) x 4 = 16384; latent_formats.Wan21 (16
         # channels, /8). Text (Qwen3-VL 4B, template stripped) joins the attention, 256 tokens assumed; parameters
         # estimated from the shapes (assumed).
         ModelFamily("krea2", "Krea 2", 8, 1, 16, _P122, (AttentionStage(1, 48, 128, 16384, 28, 12),), "geglu",
-                    256, 0, 11e9, False, ("qwen3-vl-4b",), "wan2.1", True),
+                    256, 0, 11e9, False, ("qwen3-vl-4b",), "wan2.1", True, assumed=("256 text tokens",)),
     ]
 
 
