@@ -113,8 +113,9 @@ class NoFlashCLIPPatcher(io.ComfyNode):
 
 
 class NoFlashVAEPatcher(io.ComfyNode):
-    """Returns a clone of the VAE whose attention blocks (the AttnBlock of
-    SD/SDXL/Flux/Z-Image/HunyuanVideo VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs) run
+    """Returns a clone of the VAE whose attention blocks (the AttnBlock of SD/SDXL/Flux/Flux 2/Z-Image/
+    HunyuanVideo/HunyuanVideo 1.5 VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs, SeedVR2's,
+    and the MiniMax H3 and Mochi VAEs' transformer blocks) run
     noflash's exact tiles instead of split attention's N x N score slices. Tiled decode works as before. The
     input VAE is not changed."""
 
