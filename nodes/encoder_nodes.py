@@ -15,9 +15,16 @@ from typing import Any, Dict, Optional
 from comfy_api.latest import io
 
 from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
+from ..noflash_core.comfy.module_swap import global_users
 from ..noflash_core.comfy.op_telemetry import EncodeMonitor
 from ..noflash_core.comfy.override import OverrideConfig
-from ..noflash_core.comfy.vae import VAE_ATTENTION_ATTR, VAEAttention, vae_attention_names
+from ..noflash_core.comfy.vae import (
+    GLOBAL_ATTENTION_NAME,
+    ROUTED_METHODS,
+    VAEAttention,
+    VAEGlobalRouter,
+    vae_attention_keys,
+)
 from ..noflash_core.telemetry import CallRecord
 from ._glue import publish_status, run_context
 from ._schema import node_id, node_schema
@@ -145,15 +152,20 @@ def patch_vae(vae, config: OverrideConfig, producer: Optional[str] = None):
     n.__class__ = _monitored_vae_class(type(n))
     n.noflash_monitor = monitor
     stats = _MonitoredStats(monitor)
-    names = vae_attention_names(n.first_stage_model)
-    for name in names:
-        key = f"{name}.{VAE_ATTENTION_ATTR}"
+    keys = vae_attention_keys(n.first_stage_model)
+    for key in keys:
         previous = n.patcher.get_model_object(key)
         if isinstance(previous, VAEAttention):
             previous = previous.previous
         n.patcher.add_object_patch(key, VAEAttention(previous, config, stats))
+    routed = len(global_users(n.first_stage_model, GLOBAL_ATTENTION_NAME))  # modules calling the global function
+    for method in (m for m in ROUTED_METHODS if routed and callable(getattr(n.first_stage_model, m, None))):
+        previous = n.patcher.get_model_object(method)
+        if isinstance(previous, VAEGlobalRouter):
+            previous = previous.call
+        n.patcher.add_object_patch(method, VAEGlobalRouter(previous, n.first_stage_model, config, stats))
     n.noflash_stats = stats
-    return n, len(names)
+    return n, len(keys) + routed
 
 
 class NoFlashCLIPPatcher(io.ComfyNode):
@@ -179,8 +191,9 @@ class NoFlashCLIPPatcher(io.ComfyNode):
 
 
 class NoFlashVAEPatcher(io.ComfyNode):
-    """Returns a clone of the VAE whose attention blocks (the AttnBlock of
-    SD/SDXL/Flux/Z-Image/HunyuanVideo VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs) run
+    """Returns a clone of the VAE whose attention blocks (the AttnBlock of SD/SDXL/Flux/Flux 2/Z-Image/
+    HunyuanVideo/HunyuanVideo 1.5 VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs, SeedVR2's,
+    and the MiniMax H3 and Mochi VAEs' transformer blocks) run
     noflash's exact tiles instead of split attention's N x N score slices. Tiled decode works as before. The
     input VAE is not changed."""
 
