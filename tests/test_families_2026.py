@@ -12,7 +12,7 @@ import pytest
 from noflash_core.comfy.estimate import ENCODER_ATTRIBUTES, TEXT_ENCODER_CHOICES
 from noflash_core.comfy.families import family_for_comfy_model
 from noflash_core.video.encoders import get_encoder, get_vae
-from noflash_core.video.estimator import estimate_run
+from noflash_core.vram import estimate_run
 from noflash_core.video.families import attention_calls, family_names, get_family, latent_frames
 
 _GIB = 1 << 30
@@ -65,9 +65,9 @@ _CASES = [
 @pytest.mark.parametrize("family, width, height, frames, expected", _CASES, ids=[c[0] for c in _CASES])
 def test_tokens_per_attention_call(family, width, height, frames, expected):
     est = estimate_run(family, width, height, frames=frames, vram_bytes=256 * _GIB, device="cpu")
-    got = [(a.name, a.q_len, a.kv_len, a.heads, a.head_dim) for a in est.attention]
+    got = [(a.name, a.q_len, a.kv_len, a.heads, a.head_dim) for a in est.denoise.attention]
     assert got == expected
-    assert est.tokens_per_call == max(q for _, q, _, _, _ in expected)
+    assert est.denoise.tokens_per_call == max(q for _, q, _, _, _ in expected)
 
 
 def test_minimax_references_and_short_clips():
