@@ -12,8 +12,8 @@ import pytest
 from noflash_core.comfy.estimate import ENCODER_ATTRIBUTES, TEXT_ENCODER_CHOICES
 from noflash_core.comfy.families import family_for_comfy_model
 from noflash_core.video.encoders import get_encoder, get_vae
-from noflash_core.vram import estimate_run
 from noflash_core.video.families import attention_calls, family_names, get_family, latent_frames
+from noflash_core.vram import estimate_run
 
 _GIB = 1 << 30
 
