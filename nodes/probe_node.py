@@ -152,9 +152,12 @@ class NoFlashVRAMProbe(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> int:
-        # Re-run whenever a patched run finished since the last probe, so "last run" stays current.
-        return default_history().finished
+    def fingerprint_inputs(cls, **kwargs) -> str:
+        # Re-run whenever a patched run finished since the last probe, and in another workflow (another prompt when
+        # the workflow is unknown), so "last run" is always this workflow's newest. ComfyUI calls this inside the
+        # prompt's executing context.
+        origin = run_context()
+        return f"{default_history().finished}|{origin.get('workflow_id') or origin.get('prompt_id') or ''}"
 
     @classmethod
     def execute(cls, width: int, height: int, frames: int, batch: int, family: str, device: str = THIS_MACHINE,
