@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..noflash_core.comfy.override import OverrideConfig
 from ._glue import patch_attention, repin_attention
-from ._schema import model_patch_schema, node_id
+from ._schema import model_patch_schema, node_id, routing_config, routing_inputs
 
 __all__ = ["NoFlashAttentionPatcher", "NoFlashTierSelector"]
-
-_MIB = 1 << 20
 
 
 class NoFlashAttentionPatcher(io.ComfyNode):
@@ -21,26 +18,17 @@ class NoFlashAttentionPatcher(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return model_patch_schema(
             cls, "NoFlash Attention Patcher", "The diffusion model to patch (it is cloned, never mutated).",
-            io.Boolean.Input(
-                "enabled", default=True,
-                tooltip="Off passes every attention call on to ComfyUI's own attention (or to the override "
-                "another pack installed before)."),
-            io.Int.Input(
-                "min_tokens", default=1024, min=0, max=1 << 24, step=64,
-                tooltip="Calls whose longer side (query or key tokens) is below this use ComfyUI's own "
-                "attention; small calls fit anyway and the fused paths are faster there. The default suits "
-                "image and video models: leave it."),
-            io.Int.Input(
-                "budget_mb", default=0, min=0, max=1 << 20, step=64,
-                tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
-                "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
+            *routing_inputs(
+                "Off passes every attention call on to ComfyUI's own attention (or to the override another pack "
+                "installed before).",
+                "Calls whose longer side (query or key tokens) is below this use ComfyUI's own attention; small calls "
+                "fit anyway and the fused paths are faster there. The default suits image and video models: leave it.",
+            ),
         )
 
     @classmethod
     def execute(cls, model, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
-        config = OverrideConfig(
-            enabled=enabled, min_tokens=min_tokens, budget_bytes=budget_mb * _MIB if budget_mb > 0 else None
-        )
+        config = routing_config(enabled, min_tokens, budget_mb)
         return io.NodeOutput(patch_attention(model, config, node_id(cls)))
 
 
