@@ -20,6 +20,7 @@ start tuned. ``python -m noflash_core.tune`` measures more carefully and replace
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ from .measure import Clock, plan_runner, synchronize
 from .signature import device_identity, signature_of
 from .tuner import Measured, RunnerFactory, TuneResult, save_results
 
-__all__ = ["FirstRunPolicy", "FirstRunTuner", "bounded_tune"]
+__all__ = ["FirstRunPolicy", "FirstRunTuner", "bounded_tune", "forget_plans"]
 
 _log = logging.getLogger(__name__)
 
@@ -91,6 +92,15 @@ def bounded_tune(problem: AttentionProblem, model: Plan, policy: FirstRunPolicy,
         slowest = max(slowest, elapsed)
     sig = signature_of(problem, model.requires_grad)
     return TuneResult(sig, device_identity(device), model, measured, 1, "first-run")
+
+
+def forget_plans() -> None:
+    """Drop the dispatcher's cached plans (``noflash_core.clear_caches()`` where this copy has it), so that every
+    signature is planned, and so offered to the tuner, again."""
+    package = sys.modules.get(__name__.rsplit(".", 2)[0])
+    clear = getattr(package, "clear_caches", None)
+    if callable(clear):
+        clear()
 
 
 class FirstRunTuner:
