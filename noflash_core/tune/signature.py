@@ -146,11 +146,11 @@ def device_key(identity: Dict[str, object]) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_key(profile: DeviceProfile, threads: int) -> Optional[str]:
+def _cached_key(profile: DeviceProfile, threads: int, torch_version: str) -> Optional[str]:
     identity = device_identity(profile)
     return None if identity is None else device_key(identity)
 
 
 def profile_key(profile: DeviceProfile) -> Optional[str]:
-    """:func:`device_key` of a profile, cached (the CPU thread count is part of the key)."""
-    return _cached_key(profile, torch.get_num_threads() if profile.kind == "cpu" else 0)
+    """:func:`device_key` of a profile, cached (by the profile, the CPU thread count and the torch version)."""
+    return _cached_key(profile, torch.get_num_threads() if profile.kind == "cpu" else 0, torch.__version__)
