@@ -96,7 +96,8 @@ def test_tuner_picks_the_measured_fastest_candidate():
     model, cands = _model_and_candidates(problem)
     fastest = plan_key(cands[2], 4)
     script = Script({plan_key(c, 4): 0.5 + 0.1 * i for i, c in enumerate(cands)} | {fastest: 0.2})
-    result = tune_problem(problem, warmup=1, repeats=3, clock=script.clock, make_runner=script.make_runner)
+    result = tune_problem(problem, warmup=1, repeats=3, clock=script.clock, make_runner=script.make_runner,
+                          prune=None)
     assert plan_key(result.winner.plan, 4) == fastest
     assert result.winner.median_ms == pytest.approx(200.0)
     ranked = [m.median_ms for m in result.ranked]
@@ -114,11 +115,26 @@ def test_rounds_are_interleaved_and_the_median_ignores_one_slow_call():
     # a is the fastest except for one disturbed call; b is steady and slower.
     script = Script({a: [0.1, 0.1, 5.0, 0.1], b: 0.3, c: 0.4})
     result = tune_problem(problem, candidates=cands, warmup=1, repeats=3, clock=script.clock,
-                          make_runner=script.make_runner)
+                          make_runner=script.make_runner, prune=None)
     assert plan_key(result.winner.plan, 4) == a
     rounds = [script.calls[i:i + 3] for i in range(0, 12, 3)]
     assert [r[0] for r in rounds] == [a, b, c, a]  # each round starts one candidate later
     assert all(sorted(r) == sorted([a, b, c]) for r in rounds)
+
+
+def test_plans_far_slower_than_the_fastest_stop_being_timed():
+    problem = random_problem(SIG)
+    _, cands = _model_and_candidates(problem, limit=4)
+    a, b, c, d = (plan_key(p, 4) for p in cands)
+    # c is over 3x the fastest in the warm-up; d's best is 0.35 until a's first fast call (0.1) in round 2;
+    # b has one disturbed call (0.9) but ran at 0.25 before: it stays.
+    script = Script({a: [0.2, 0.1], b: [0.25, 0.9, 0.25], c: 0.7, d: 0.35})
+    result = tune_problem(problem, candidates=cands, warmup=1, repeats=3, clock=script.clock,
+                          make_runner=script.make_runner, prune=3.0)
+    assert [script.calls.count(k) for k in (a, b, c, d)] == [4, 4, 1, 2]
+    by_key = {plan_key(m.plan, 4): m for m in result.measured}
+    assert by_key[c].pruned and by_key[c].times_s == [0.7] and by_key[d].pruned and not by_key[b].pruned
+    assert plan_key(result.winner.plan, 4) == a and result.entry()["plans"][-1].get("pruned")
 
 
 def test_tuner_respects_the_budget():

@@ -65,6 +65,7 @@ class Timing:
 
     times_s: List[float] = field(default_factory=list)
     error: Optional[str] = None
+    pruned: bool = False
 
     @property
     def median_s(self) -> float:
@@ -87,20 +88,38 @@ def _attempt(runner: Runner, timing: Timing, device: torch.device, clock: Clock)
 
 
 def interleaved_times(runners: Sequence[Runner], device: torch.device, *, warmup: int = 1, repeats: int = 3,
-                      clock: Clock = time.perf_counter) -> List[Timing]:
+                      clock: Clock = time.perf_counter, prune: Optional[float] = 3.0) -> List[Timing]:
     """Time each runner ``repeats`` times in interleaved rounds after ``warmup`` untimed rounds.
 
     Round ``r`` visits the candidates starting at ``r mod n``, so no candidate always runs first (after a pause)
-    or last. Returns one :class:`Timing` per runner, in the given order.
+    or last. With ``prune``, after each round a candidate whose fastest call so far (the warm-up included) took
+    more than ``prune`` times the fastest call of any candidate is not run again: it cannot win, and the slowest
+    plans cost the most time. One disturbed call never prunes a candidate that ran fast before.
+    Returns one :class:`Timing` per runner, in the given order.
     """
     timings = [Timing() for _ in runners]
+    best = [float("inf")] * len(runners)  # each runner's fastest call so far, the warm-up included
     n = len(runners)
     for r in range(max(0, warmup) + max(1, repeats)):
         for j in range(n):
             i = (j + r) % n
-            if timings[i].error is not None:
+            if timings[i].error is not None or timings[i].pruned:
                 continue
             elapsed = _attempt(runners[i], timings[i], device, clock)
-            if elapsed is not None and r >= warmup:
-                timings[i].times_s.append(elapsed)
+            if elapsed is not None:
+                best[i] = min(best[i], elapsed)
+                if r >= warmup:
+                    timings[i].times_s.append(elapsed)
+        if prune is not None:
+            _prune(timings, best, prune)
     return timings
+
+
+def _prune(timings: List[Timing], best: List[float], factor: float) -> None:
+    """Stop timing the runners whose fastest call is over ``factor`` times the fastest call of any runner."""
+    fastest = min(best, default=float("inf"))
+    for timing, b in zip(timings, best):
+        if timing.error is None and not timing.pruned and b > factor * fastest:
+            timing.pruned = True
+            if not timing.times_s:  # pruned after the warm-up: its one call is all it has
+                timing.times_s.append(b)

@@ -28,12 +28,14 @@ def result_table(label: str, result: TuneResult) -> str:
     if result.mode == "not tuned":
         return f"{head}\n\nnot tuned: {result.note}\n"
     model = result.model_measured()
-    lines: List[str] = [head, "", f"{len(result.measured)} exact plans, median of {result.repeats} interleaved "
-                        "calls each.", "", "| rank | plan | median | time / model's | predicted peak | note |",
+    lines: List[str] = [head, "", f"{len(result.measured)} exact plans, median of up to {result.repeats} "
+                        "interleaved calls each.", "",
+                        "| rank | plan | median | time / model's | predicted peak | note |",
                         "|---|---|---|---|---|---|"]
     for rank, m in enumerate(result.ranked, 1):
         ratio = f"{m.median_ms / model.median_ms:.2f}" if model is not None and model.ok else "—"
-        notes = [n for n, on in (("chosen", rank == 1), ("model's plan", m is model)) if on]
+        notes = [n for n, on in (("chosen", rank == 1), ("model's plan", m is model),
+                                 (f"stopped after {len(m.times_s)} call(s): over 3× the fastest", m.pruned)) if on]
         lines.append(f"| {rank} | {plan_text(m.plan)} | {_ms(m.median_ms)} | {ratio} | "
                      f"{format_bytes(m.plan.peak_bytes)} | {', '.join(notes)} |")
     for m in result.measured:

@@ -41,6 +41,7 @@ class Measured:
     plan: Plan
     times_s: List[float] = field(default_factory=list)
     error: Optional[str] = None
+    pruned: bool = False
 
     @property
     def ok(self) -> bool:
@@ -58,6 +59,8 @@ class Measured:
             d["median_ms"] = round(self.median_ms, 4)
         if self.error:
             d["error"] = self.error
+        if self.pruned:
+            d["pruned"] = True
         return d
 
 
@@ -126,6 +129,7 @@ def tune_problem(
     clock: Clock = time.perf_counter,
     make_runner: RunnerFactory = plan_runner,
     candidates: Optional[Sequence[Plan]] = None,
+    prune: Optional[float] = 3.0,
 ) -> TuneResult:
     """Measure the candidate plans of ``problem`` (its own tensors) and rank them.
 
@@ -135,6 +139,8 @@ def tune_problem(
         warmup, repeats: untimed and timed interleaved rounds.
         clock: seconds (injectable for tests); make_runner: how a plan is run (injectable for tests).
         candidates: measure these plans instead of :func:`tuning_candidates` (each must fit the budget).
+        prune: stop timing a plan once one of its calls took more than this many times the fastest call of that
+            round (None: time every plan every round); see :func:`~noflash_core.tune.measure.interleaved_times`.
     """
     budget = resolve_budget(problem.query.device, budget_bytes)
     model = plan_problem(problem, budget_bytes=budget, requires_grad=requires_grad, use_tuning=False)
@@ -144,8 +150,8 @@ def tune_problem(
         return TuneResult(sig, identity, model, [], 0, "not tuned", f"torch SDPA runs it ({model.reason})")
     plans = list(candidates) if candidates is not None else tuning_candidates(problem, model, max_candidates)
     timings = interleaved_times([make_runner(problem, p) for p in plans], problem.query.device, warmup=warmup,
-                                repeats=repeats, clock=clock)
-    measured = [Measured(p, t.times_s, t.error) for p, t in zip(plans, timings)]
+                                repeats=repeats, clock=clock, prune=prune)
+    measured = [Measured(p, t.times_s, t.error, t.pruned) for p, t in zip(plans, timings)]
     return TuneResult(sig, identity, model, measured, repeats)
 
 
