@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "a grid of pinned exact plans and check it is within 10%% of the fastest")
     other.add_argument("--grid", type=int, default=12, help="--verify: pinned plans in the grid (default 12)")
     other.add_argument("--out", help="--verify: folder for results.md and results.json")
+    other.add_argument("--dry-run", action="store_true", help="list the signatures that would be tuned and exit")
     other.add_argument("--export", metavar="FILE", help="write this device's tuned entries as JSON and exit")
     other.add_argument("--show", action="store_true", help="print the cache path and this device's entries")
     other.add_argument("--reset", action="store_true", help="remove this device's entries from the cache")
@@ -176,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtype = args.dtype or ("float32" if device.type == "cpu" else "float16")
     sigs = _signatures(args, dtype)
     command = "python -m noflash_core.tune " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.dry_run:
+        sys.stdout.write("".join(f"{label}: {sig.key()} (L={sig.l}, S={sig.s})\n" for label, sig in sigs))
+        return 0
     if args.verify:
         return _verify(args, device, sigs, command)
     return _tune(args, device, sigs)
