@@ -132,6 +132,12 @@ def test_cli_tunes_shows_exports_and_resets(cache, tmp_path, capsys):
     q = torch.randn(1, 4, 1024, 16)
     lookup.clear_memory_cache()
     assert nc.plan(q, q, q).source == "tuned"
+    verify_out = tmp_path / "verify"
+    tune_main(args + ["--verify", "--grid", "3", "--out", str(verify_out)])  # its verdict is a timing: not asserted
+    row = json.loads((verify_out / "results.json").read_text())["rows"][0]
+    assert row["source"] == "tuned" and row["auto_median_ms"] > 0 and len(row["grid"]) >= 3
+    assert "| tuned |" in (verify_out / "results.md").read_text()
+    capsys.readouterr()
     export = str(tmp_path / "export.json")
     assert tune_main(["--export", export, "--device", "cpu"]) == 0
     with open(export) as f:

@@ -124,14 +124,15 @@ def _verify(args: argparse.Namespace, device: torch.device, sigs: List[Tuple[str
     from .verify import render_verify, verify_signature, write_verify
 
     load0 = load_average()
-    rows = [verify_signature(label, sig, device, grid_size=args.grid, warmup=args.warmup,
-                             repeats=max(args.repeats, 5)) for label, sig in sigs]
+    rows = [verify_signature(label, sig, device, grid_size=args.grid, warmup=args.warmup, repeats=args.repeats)
+            for label, sig in sigs]
     machine = describe_machine(device)
     header = ["# Tuned auto plan vs a grid of pinned exact plans", "",
               f"Machine: {machine.get('cpu') or machine.get('gpu')} ({device}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; load average {load0} at start, {load_average()} at end. "
-              f"Each time is the median of {max(args.repeats, 5)} interleaved rounds after {args.warmup} warm-up; "
-              "'spread' is (max - min) / median of the auto call's rounds.", "", "```", command, "```", ""]
+              f"Each time is the median of {args.repeats} interleaved rounds after {args.warmup} warm-up (a plan "
+              "whose fastest call is over 3× the fastest call of any plan stops being timed: it cannot be the "
+              "fastest); 'spread' is (max - min) / median of the auto call's rounds.", "", "```", command, "```", ""]
     text = render_verify(rows, header)
     sys.stdout.write(text)
     if args.out:

@@ -116,8 +116,11 @@ def _grid(problem: AttentionProblem, model: Plan, size: int) -> List[Plan]:
 
 
 def verify_signature(label: str, sig: Signature, device: Optional[object] = None, *, grid_size: int = 12,
-                     warmup: int = 1, repeats: int = 5, clock: Clock = time.perf_counter) -> VerifyRow:
-    """Time the tuned auto call against the pinned grid on random tensors of ``sig`` (forward only)."""
+                     warmup: int = 1, repeats: int = 5, clock: Clock = time.perf_counter,
+                     prune: Optional[float] = 3.0) -> VerifyRow:
+    """Time the tuned auto call against the pinned grid on random tensors of ``sig`` (forward only). Plans whose
+    fastest call is over ``prune`` times the fastest call of any runner stop being timed (they cannot be the
+    fastest)."""
     problem = random_problem(sig, device)
     auto = plan_problem(problem)
     model = plan_problem(problem, use_tuning=False)
@@ -125,7 +128,8 @@ def verify_signature(label: str, sig: Signature, device: Optional[object] = None
         return VerifyRow(label, sig, auto, [], model, [])
     grid = _grid(problem, model, grid_size)
     runners = [_public_auto(problem)] + [plan_runner(problem, p) for p in grid]
-    timings = interleaved_times(runners, problem.query.device, warmup=warmup, repeats=repeats, clock=clock)
+    timings = interleaved_times(runners, problem.query.device, warmup=warmup, repeats=repeats, clock=clock,
+                                prune=prune)
     ms = [[t * 1000 for t in timing.times_s] for timing in timings]
     kept = [(p, t) for p, t, timing in zip(grid, ms[1:], timings[1:]) if timing.error is None]
     return VerifyRow(label, sig, auto, ms[0], model, kept)
