@@ -92,9 +92,10 @@ def interleaved_times(runners: Sequence[Runner], device: torch.device, *, warmup
     """Time each runner ``repeats`` times in interleaved rounds after ``warmup`` untimed rounds.
 
     Round ``r`` visits the candidates starting at ``r mod n``, so no candidate always runs first (after a pause)
-    or last. With ``prune``, after each round a candidate whose fastest call so far (the warm-up included) took
-    more than ``prune`` times the fastest call of any candidate is not run again: it cannot win, and the slowest
-    plans cost the most time. One disturbed call never prunes a candidate that ran fast before.
+    or last. With ``prune``, after each timed round a candidate whose fastest timed call so far took more than
+    ``prune`` times the fastest timed call of any candidate is not run again: it cannot win, and the slowest plans
+    cost the most time. One disturbed call never prunes a candidate that ran fast before, and warm-up calls (cold)
+    never prune.
     Returns one :class:`Timing` per runner, in the given order.
     """
     timings = [Timing() for _ in runners]
@@ -106,11 +107,10 @@ def interleaved_times(runners: Sequence[Runner], device: torch.device, *, warmup
             if timings[i].error is not None or timings[i].pruned:
                 continue
             elapsed = _attempt(runners[i], timings[i], device, clock)
-            if elapsed is not None:
+            if elapsed is not None and r >= warmup:
                 best[i] = min(best[i], elapsed)
-                if r >= warmup:
-                    timings[i].times_s.append(elapsed)
-        if prune is not None:
+                timings[i].times_s.append(elapsed)
+        if prune is not None and r >= warmup:  # warm-up calls are cold (first allocations): never prune on them
             _prune(timings, best, prune)
     return timings
 
@@ -121,5 +121,3 @@ def _prune(timings: List[Timing], best: List[float], factor: float) -> None:
     for timing, b in zip(timings, best):
         if timing.error is None and not timing.pruned and b > factor * fastest:
             timing.pruned = True
-            if not timing.times_s:  # pruned after the warm-up: its one call is all it has
-                timing.times_s.append(b)
