@@ -88,14 +88,15 @@ def _attempt(runner: Runner, timing: Timing, device: torch.device, clock: Clock)
 
 
 def interleaved_times(runners: Sequence[Runner], device: torch.device, *, warmup: int = 1, repeats: int = 3,
-                      clock: Clock = time.perf_counter, prune: Optional[float] = 3.0) -> List[Timing]:
+                      clock: Clock = time.perf_counter, prune: Optional[float] = 3.0,
+                      keep: Sequence[int] = ()) -> List[Timing]:
     """Time each runner ``repeats`` times in interleaved rounds after ``warmup`` untimed rounds.
 
     Round ``r`` visits the candidates starting at ``r mod n``, so no candidate always runs first (after a pause)
-    or last. With ``prune``, after each timed round a candidate whose fastest timed call so far took more than
-    ``prune`` times the fastest timed call of any candidate is not run again: it cannot win, and the slowest plans
-    cost the most time. One disturbed call never prunes a candidate that ran fast before, and warm-up calls (cold)
-    never prune.
+    or last. With ``prune``, from the second timed round on, a candidate whose fastest timed call so far took more
+    than ``prune`` times the fastest timed call of any candidate is not run again: it cannot win, and the slowest
+    plans cost the most time. A candidate is judged on at least two calls (one disturbed call never prunes it),
+    warm-up calls (cold) never count, and the runners at the indices in ``keep`` are always timed.
     Returns one :class:`Timing` per runner, in the given order.
     """
     timings = [Timing() for _ in runners]
@@ -110,14 +111,14 @@ def interleaved_times(runners: Sequence[Runner], device: torch.device, *, warmup
             if elapsed is not None and r >= warmup:
                 best[i] = min(best[i], elapsed)
                 timings[i].times_s.append(elapsed)
-        if prune is not None and r >= warmup:  # warm-up calls are cold (first allocations): never prune on them
-            _prune(timings, best, prune)
+        if prune is not None and r > warmup:  # after two timed calls each; warm-up calls (cold) never count
+            _prune(timings, best, prune, keep)
     return timings
 
 
-def _prune(timings: List[Timing], best: List[float], factor: float) -> None:
+def _prune(timings: List[Timing], best: List[float], factor: float, keep: Sequence[int]) -> None:
     """Stop timing the runners whose fastest call is over ``factor`` times the fastest call of any runner."""
     fastest = min(best, default=float("inf"))
-    for timing, b in zip(timings, best):
-        if timing.error is None and not timing.pruned and b > factor * fastest:
+    for i, (timing, b) in enumerate(zip(timings, best)):
+        if i not in keep and timing.error is None and not timing.pruned and b > factor * fastest:
             timing.pruned = True
