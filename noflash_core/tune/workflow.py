@@ -22,7 +22,7 @@ def _estimate(model: str, width: int, height: int, frames: int, batch: int, dtyp
     """The estimator's run estimate, and a function giving a text encoder's mask kind (``"causal"``, ``"bias"``,
     ``"none"``) by name."""
     from ..video.encoders import get_encoder
-    from ..video.estimator import estimate_run
+    from ..vram import estimate_run
 
     run = estimate_run(model, width, height, frames, batch, dtype, device="cpu", prompt_tokens=prompt_tokens)
     return run, lambda name: get_encoder(name).mask
@@ -38,7 +38,7 @@ def workflow_signatures(model: str, width: int, height: int, frames: int = 1, *,
     run, encoder_mask = _estimate(model, width, height, frames, batch, dtype, prompt_tokens)
     dt = _DTYPES.get(str(run.dtype), str(run.dtype))
     out: List[Tuple[str, Signature]] = []
-    for a in run.attention:
+    for a in run.denoise.attention:
         out.append((f"{run.model} {a.name}", Signature(dt, a.batch * a.heads, 1, a.q_len, a.kv_len, a.head_dim,
                                                         a.head_dim)))
     for t in run.text_encoders:
