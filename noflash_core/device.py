@@ -152,7 +152,7 @@ def _probe_backends(device: torch.device) -> Tuple[Tuple[str, bool], ...]:
     """``(backend, runs)`` for torch's SDPA backends: each one tried on a tiny call on ``device``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .sdpa import original_sdpa
+    from .torch_sdpa import original_sdpa
 
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     backends = {

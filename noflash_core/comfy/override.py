@@ -201,10 +201,11 @@ def _warn_unknown_form(call: _Call) -> None:
 
 def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, config: OverrideConfig):
     """The dispatcher on ``(b, h, n, d)`` tensors: ``(output, plan that ran)``."""
-    from ..sdpa import _attention
+    from ..dispatch import attention
 
-    return _attention(q, k, v, mask, tier=config.tier, block_m=config.block_m, block_n=config.block_n,
-                      budget_bytes=config.budget_bytes)
+    result = attention(q, k, v, mask, tier=config.tier, block_m=config.block_m, block_n=config.block_n,
+                       budget_bytes=config.budget_bytes)
+    return result.out, result.plan
 
 
 def make_attention_override(
