@@ -58,12 +58,16 @@ _STEPS_PER_OCTAVE = 8
 
 
 def bucket_bytes(n: int) -> int:
-    """``n`` rounded down to the grid ``2 ** (k / 8)`` (eight steps per doubling); never more than ``n``."""
+    """``n`` rounded down to the grid ``ceil(2 ** (k / 8))`` (eight steps per doubling, at most 8.3% down); never
+    more than ``n``, and ``bucket_bytes(bucket_bytes(n)) == bucket_bytes(n)``."""
     n = int(n)
     if n <= 1:
         return max(n, 0)
     k = math.floor(math.log2(n) * _STEPS_PER_OCTAVE)
-    return min(n, int(2.0 ** (k / _STEPS_PER_OCTAVE)))
+    edge = math.ceil(2.0 ** (k / _STEPS_PER_OCTAVE))  # rounded up, so that a bucket's edge is its own bucket
+    if edge > n:  # log2 rounded across a grid point
+        edge = math.ceil(2.0 ** ((k - 1) / _STEPS_PER_OCTAVE))
+    return min(n, edge)
 
 
 class FreeMemoryReader:
@@ -105,7 +109,11 @@ class FreeMemoryReader:
 
 free_memory = FreeMemoryReader()
 """The process-wide reader the default budget uses (cleared by :func:`noflash_core.clear_caches`)."""
-register(free_memory.clear)
+
+
+@register
+def _forget_free_memory() -> None:
+    free_memory.clear()
 
 
 def _env_budget() -> Optional[int]:
