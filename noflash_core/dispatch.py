@@ -25,7 +25,7 @@ import torch
 
 from . import telemetry
 from .attention_op import attention_forward_op, attention_with_lse_op, backward_with_retry, run_forward
-from .budget import resolve_budget
+from .budget import default_budget_bytes, resolve_budget
 from .caches import register
 from .device import device_profile
 from .oom import retry_out_of_memory
@@ -122,12 +122,16 @@ def _any_nested(query, key, value) -> bool:
         return False
 
 
-def _passthrough(fn: Callable, reason: str, return_lse: bool, query, key, value, *rest) -> AttentionResult:
-    """Hand the call to torch's SDPA (nested tensors, keys below the patch's threshold)."""
-    if return_lse:
-        raise RuntimeError(f"noflash attention with return_lse=True: {reason.split(':')[0]} are not supported; "
-                           "pad the batch to one length.")
-    attn_mask, dropout_p, is_causal, scale, enable_gqa = rest
+def _passthrough(fn: Callable, threshold: int, return_lse: bool, args: tuple) -> AttentionResult:
+    """Hand the call to torch's SDPA untouched (nested tensors, keys below the patch's threshold)."""
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
+    if _any_nested(query, key, value):
+        if return_lse:
+            raise RuntimeError("noflash attention with return_lse=True: nested tensors are not supported; pad the "
+                               "batch to one length.")
+        reason = "nested tensors: torch SDPA"
+    else:
+        reason = f"key length {key.shape[-2]} below threshold {threshold}"
     out = fn(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     used = Plan(0, _length(query, -2), _length(key, -2), 0, 0, reason=reason)
     report_plan(used, query, key, "torch")
@@ -141,17 +145,22 @@ def _probe_device(device: torch.device) -> str:
     return device_profile(device).name
 
 
-def _bypass_reason(query, key, value, threshold: int) -> Optional[str]:
-    """Why a call goes to torch's SDPA untouched (nested tensors, a key shorter than the threshold), or None."""
-    if _any_nested(query, key, value):
-        return "nested tensors: torch SDPA"
-    if threshold and isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] < threshold:
-        return f"key length {key.shape[-2]} below threshold {threshold}"
-    return None
+def _shorter(key, threshold: int) -> bool:
+    return isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] < threshold
 
 
-def _without_autocast(args: tuple, knobs: dict) -> AttentionResult:
-    """Run a call made under autocast: inputs cast as autocast casts them, then the call with autocast off."""
+def _uncached_problem(args: tuple) -> AttentionProblem:
+    """Build (and so validate) a call without the caches: under tracing, or with a non-tensor argument."""
+    if is_compiling():
+        _probe_device(args[0].device)
+    return _build(args, None)
+
+
+def _without_autocast(args: tuple, signature, problem: Optional[AttentionProblem], knobs: dict) -> AttentionResult:
+    """Run a call made under autocast: validated first (as torch does), inputs cast as autocast casts them, then the
+    call with autocast off."""
+    if problem is None:
+        _build(args, signature)
     query, key, value, attn_mask, *rest = args
     device_type = query.device.type
     cast = _autocast_cast([query, key, value, attn_mask], torch.get_autocast_dtype(device_type))
@@ -159,12 +168,19 @@ def _without_autocast(args: tuple, knobs: dict) -> AttentionResult:
         return attention(*cast, *rest, **knobs)
 
 
-def _cached_plan(
-    signature, make_problem: Callable[[], AttentionProblem], device: torch.device, with_grad: bool, dropout: bool,
+def _build(args: tuple, signature) -> AttentionProblem:
+    query, key, value, attn_mask, _, is_causal, scale, enable_gqa = args
+    return build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, signature=signature)
+
+
+def _plan_call(
+    args: tuple, device: torch.device, signature, problem: Optional[AttentionProblem], with_grad: bool,
     tier: TierArg, block_m: Optional[int], block_n: Optional[int], budget_bytes: Optional[int], need_lse: bool,
-) -> Plan:
-    """The plan of a call, from the cache when its signature was planned before with the same budget and knobs."""
-    budget = resolve_budget(device, budget_bytes)
+) -> Tuple[Plan, Optional[AttentionProblem]]:
+    """The plan of a call (``args`` as :func:`attention`'s first eight), from the cache when its signature was
+    planned before with the same budget and knobs; and the canonical problem when planning had to build it."""
+    budget = default_budget_bytes(device) if budget_bytes is None else resolve_budget(device, budget_bytes)
+    dropout = args[4] > 0.0
     key = None
     if signature is not None:
         # Plans read shapes, dtypes and the device only (bf16 without bf16 hardware is planned with fp32 operands).
@@ -172,14 +188,16 @@ def _cached_plan(
                device_profile(device) if device.type == "meta" else None)
         cached = _plans.get(key)
         if cached is not None:
-            return cached
-    planned = plan_problem(make_problem(), budget_bytes=budget, requires_grad=with_grad, dropout=dropout, tier=tier,
+            return cached, problem
+    if problem is None:
+        problem = _build(args, signature)
+    planned = plan_problem(problem, budget_bytes=budget, requires_grad=with_grad, dropout=dropout, tier=tier,
                            block_m=block_m, block_n=block_n, need_lse=need_lse)
     if key is not None:
         if len(_plans) >= _CACHE_SIZE:
             _plans.clear()
         _plans[key] = planned
-    return planned
+    return planned, problem
 
 
 def _retry_plans(problem: AttentionProblem, first: Plan, same_tier: bool, block_m, block_n, dropout: bool,
@@ -250,32 +268,6 @@ def _requires_grad(query, key, value, attn_mask) -> bool:
     )
 
 
-def _run_call(query, key, value, rest: tuple, signature, problem: Optional[AttentionProblem], tier: TierArg,
-              block_m: Optional[int], block_n: Optional[int], budget_bytes: Optional[int],
-              return_lse: bool) -> AttentionResult:
-    """Plan (from the cache) and run a validated call; ``rest`` is ``(attn_mask, dropout_p, is_causal, scale,
-    enable_gqa)``."""
-    attn_mask, dropout_p, is_causal, scale, enable_gqa = rest
-
-    def make_problem() -> AttentionProblem:
-        nonlocal problem
-        if problem is None:
-            problem = build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, signature=signature)
-        return problem
-
-    with_grad = _requires_grad(query, key, value, attn_mask)
-    first = _cached_plan(signature, make_problem, query.device, with_grad, dropout_p > 0.0, tier, block_m, block_n,
-                         budget_bytes, return_lse)
-    if first.tier == 3 and with_grad:
-        raise tier3_grad_error()
-    if first.tier == 0:
-        out, lse, used = math_sdpa(query, key, value, *rest), None, first
-    else:
-        out, lse, used = _run_tiled(make_problem(), first, tier, block_m, block_n, dropout_p, with_grad, return_lse)
-    report_plan(used, query, key)
-    return AttentionResult(out, lse, used)
-
-
 def attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
     tier: TierArg = "auto", block_m: Optional[int] = None, block_n: Optional[int] = None,
@@ -308,23 +300,30 @@ def attention(
     """
     if tier != "auto" or block_m is not None or block_n is not None:
         tier = _check_knobs(tier, block_m, block_n)
-    rest = (attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    bypass = _bypass_reason(query, key, value, 0 if return_lse else threshold)
-    if bypass is not None:
-        return _passthrough(passthrough or original_sdpa, bypass, return_lse, query, key, value, *rest)
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if _any_nested(query, key, value) or (threshold and not return_lse and _shorter(key, threshold)):
+        return _passthrough(passthrough or original_sdpa, threshold, return_lse, args)
     signature = None if is_compiling() else call_signature(query, key, value, attn_mask, is_causal, enable_gqa)
-    problem = None
-    if signature is None:  # tracing, or a non-tensor argument: build (and so validate) without the caches
-        problem = build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-        if is_compiling():
-            _probe_device(query.device)
+    problem = None if signature is not None else _uncached_problem(args)
     device = query.device
     if _autocast_enabled(device.type):
-        if problem is None:  # validate before casting, as torch does
-            build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, signature=signature)
-        return _without_autocast((query, key, value, *rest), dict(
+        return _without_autocast(args, signature, problem, dict(
             tier=tier, block_m=block_m, block_n=block_n, budget_bytes=budget_bytes, return_lse=return_lse))
-    return _run_call(query, key, value, rest, signature, problem, tier, block_m, block_n, budget_bytes, return_lse)
+    with_grad = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+        or (attn_mask is not None and attn_mask.requires_grad)
+    )
+    first, problem = _plan_call(args, device, signature, problem, with_grad, tier, block_m, block_n, budget_bytes,
+                                return_lse)
+    if first.tier == 3 and with_grad:
+        raise tier3_grad_error()
+    if first.tier == 0:
+        out, lse, used = math_sdpa(*args), None, first
+    else:
+        out, lse, used = _run_tiled(problem or _build(args, signature), first, tier, block_m, block_n, dropout_p,
+                                    with_grad, return_lse)
+    report_plan(used, query, key)
+    return AttentionResult(out, lse, used)
 
 
 def plan_attention(
@@ -337,16 +336,12 @@ def plan_attention(
     mode is on). Autocast is not applied: pass the tensors in the dtype they will run in."""
     if tier != "auto" or block_m is not None or block_n is not None:
         tier = _check_knobs(tier, block_m, block_n)
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     signature = None if is_compiling() else call_signature(query, key, value, attn_mask, is_causal, enable_gqa)
-
-    def make_problem() -> AttentionProblem:
-        return build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, signature=signature)
-
-    if signature is None:
-        make_problem()  # validation names a non-tensor argument
+    problem = None if signature is not None else _uncached_problem(args)
     with_grad = _requires_grad(query, key, value, attn_mask) if requires_grad is None else bool(requires_grad)
-    return _cached_plan(signature, make_problem, query.device, with_grad, dropout_p > 0.0, tier, block_m, block_n,
-                        budget_bytes, return_lse)
+    return _plan_call(args, query.device, signature, problem, with_grad, tier, block_m, block_n, budget_bytes,
+                      return_lse)[0]
 
 
 def forward_tiles(problem: AttentionProblem, plan: Plan, *, need_lse: bool = True,

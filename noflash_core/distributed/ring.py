@@ -11,9 +11,10 @@ the block for step ``t + 1`` is already on the wire. Partial results merge exact
 (the online-softmax rescaling of Milakov & Gimelshein 2018 / FlashAttention, Dao et al. 2022).
 
 Backward recomputes each step's tiles from the saved q, the merged output and lse
-(:func:`noflash_core.dispatch.attention_backward`); the dK/dV
-contributions to a block travel with it around the ring and arrive back at its owner. No rank ever holds more than
-two K/V blocks (the one in use and the next), so per-rank memory is O(N/P).
+(:func:`noflash_core.dispatch.attention_backward`); the dK/dV contributions to a block travel with it around the
+ring and arrive back at its owner. No rank ever holds more than two K/V blocks (the one in use and the next), so
+per-rank memory is O(N/P). Step tiles that run out of memory are retried with smaller ones (unless both blocks
+were pinned).
 
 Causal: with contiguous shards rank ``r`` only needs the blocks of ranks ``<= r``: step 0 (its own block) runs
 with the causal diagonal, steps ``t <= r`` attend fully, and the fully masked steps are neither computed nor sent.
