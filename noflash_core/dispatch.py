@@ -29,7 +29,7 @@ from .budget import default_budget_bytes, resolve_budget
 from .caches import register
 from .device import device_profile
 from .oom import retry_out_of_memory
-from .planner import Plan, TierArg, candidate_plans, plan_problem
+from .planner import Plan, TierArg, candidate_plans, check_lse_tier, plan_problem
 from .problem import AttentionProblem, build_problem, call_signature, tier3_grad_error
 from .tiles import DropoutSpec
 from .torch_sdpa import math_sdpa, original_sdpa
@@ -63,12 +63,14 @@ class AttentionResult(NamedTuple):
     plan: Plan
 
 
-def _check_knobs(tier: TierArg, block_m: Optional[int], block_n: Optional[int]) -> TierArg:
+def _check_knobs(tier: TierArg, block_m: Optional[int], block_n: Optional[int], return_lse: bool = False) -> TierArg:
     if tier != "auto":
         if isinstance(tier, str) and tier.isdigit():
             tier = int(tier)
         if tier not in (1, 2, 3) or isinstance(tier, bool):
             raise ValueError(f"tier must be 'auto', 1, 2 or 3, got {tier!r}.")
+        if return_lse:
+            check_lse_tier(tier)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
@@ -299,7 +301,7 @@ def attention(
         torch.OutOfMemoryError: when no plan fits, naming the shape, dtype, budget and smallest plan tried.
     """
     if tier != "auto" or block_m is not None or block_n is not None:
-        tier = _check_knobs(tier, block_m, block_n)
+        tier = _check_knobs(tier, block_m, block_n, return_lse)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if _any_nested(query, key, value) or (threshold and not return_lse and _shorter(key, threshold)):
         return _passthrough(passthrough or original_sdpa, threshold, return_lse, args)
@@ -335,7 +337,7 @@ def plan_attention(
     that follows does not plan again. ``requires_grad`` defaults to whether an input requires grad (and grad
     mode is on). Autocast is not applied: pass the tensors in the dtype they will run in."""
     if tier != "auto" or block_m is not None or block_n is not None:
-        tier = _check_knobs(tier, block_m, block_n)
+        tier = _check_knobs(tier, block_m, block_n, return_lse)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     signature = None if is_compiling() else call_signature(query, key, value, attn_mask, is_causal, enable_gqa)
     problem = None if signature is not None else _uncached_problem(args)

@@ -28,6 +28,7 @@ __all__ = [
     "MIN_GEMM_ROWS",
     "Plan",
     "candidate_plans",
+    "check_lse_tier",
     "plan",
     "plan_problem",
     "planning_math",
@@ -295,6 +296,9 @@ def candidate_plans(
     device_class = _device_class(problem.query.device)
     tm = tile_math or planning_math(problem)
     order = tuple(tiers) if tiers is not None else tier_order(device_class, requires_grad, need_lse)
+    if need_lse:
+        for tier in order:
+            check_lse_tier(tier)
     b, h, g, length, s, e, ev = problem.dims
     pairs = b * h
     for tier in order:
@@ -330,6 +334,12 @@ def tier_order(device_class: str, requires_grad: bool, need_lse: bool = False) -
     return _TIER_ORDER[(device_class, requires_grad or need_lse)]
 
 
+def check_lse_tier(tier: TierArg) -> None:
+    """ValueError unless ``tier`` returns the row log-sum-exp (1, 2 or ``"auto"``)."""
+    if tier not in ("auto", 1, 2, "1", "2"):
+        raise ValueError(f"tier {tier!r} returns no log-sum-exp; use tier 1, 2 or 'auto' with return_lse=True.")
+
+
 def _fast_path_plan(problem: AttentionProblem, budget: int, requires_grad: bool) -> Optional[Plan]:
     b, h, g, length, s, e, ev = problem.dims
     # Math keeps scores and probabilities (and their gradients under grad): about 2 or 4 score-sized tensors.
@@ -353,12 +363,9 @@ def plan_problem(
     block_n: Optional[int] = None,
     need_lse: bool = False,
 ) -> Plan:
-    """Plan a canonical problem (see :func:`plan`). ``need_lse``: the caller needs the row log-sum-exp, so only
-    tiers 1 and 2 qualify (never torch's SDPA, nor tier 3)."""
+    """Plan a canonical problem (see :func:`plan`)."""
     budget = resolve_budget(problem.query.device, budget_bytes)
     if tier != "auto":
-        if need_lse and int(tier) not in (1, 2):
-            raise ValueError(f"tier {tier} returns no log-sum-exp; use tier 1, 2 or 'auto' with return_lse=True.")
         first = next(candidate_plans(problem, budget, requires_grad, dropout, (int(tier),), block_m, block_n))
         return replace(first, reason=f"tier {tier} requested")
     if block_m is None and block_n is None and not dropout and not need_lse:
@@ -405,6 +412,8 @@ def plan(
         A :class:`Plan`. ``plan.fits`` is False when even the smallest plan exceeds the budget.
     """
     problem = build_problem(query, key, value, attn_mask, is_causal, None, enable_gqa)
+    if return_lse and tier != "auto":
+        check_lse_tier(tier)
     if requires_grad is None:
         requires_grad = any(t is not None and t.requires_grad for t in (query, key, value, attn_mask))
     return plan_problem(
