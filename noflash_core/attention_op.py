@@ -28,7 +28,13 @@ from .tier2 import tier2_forward
 from .tier3 import tier3_forward
 from .tiles import DropoutSpec
 
-__all__ = ["attention_forward_op", "run_forward"]
+__all__ = [
+    "attention_backward_op",
+    "attention_forward_op",
+    "attention_with_lse_op",
+    "backward_with_retry",
+    "run_forward",
+]
 
 Tensor = torch.Tensor
 
@@ -129,6 +135,36 @@ def _halved_blocks(block_m: int, block_n: int, block_h: int, pairs: int) -> Iter
         yield bm, bn, bh
 
 
+def backward_with_retry(
+    problem: AttentionProblem,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    block_m: int,
+    block_n: int,
+    block_h: int = 0,
+    *,
+    dropout: Optional[DropoutSpec] = None,
+    mask_grad: bool = False,
+    grad_lse: Optional[Tensor] = None,
+    pinned: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The tiled backward of a canonical problem (``backward.py``), retried with fewer batch-head pairs per step,
+    then halved blocks, on out-of-memory (never when ``pinned``). Returns ``dq``, ``dk``, ``dv`` and the float
+    mask's gradient (None unless ``mask_grad``)."""
+    pairs = problem.query.shape[0] * problem.query.shape[1]
+    grads, _ = retry_out_of_memory(
+        lambda blocks: attention_backward(
+            problem, out, lse, grad_out, blocks[0], blocks[1], dropout, mask_grad, grad_lse, blocks[2]
+        ),
+        (block_m, block_n, block_h),
+        lambda: () if pinned else _halved_blocks(block_m, block_n, block_h, pairs),
+        problem.query.device,
+        what="noflash backward",
+    )
+    return grads
+
+
 @torch.library.custom_op(f"{OP_NAMESPACE}::attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor,
@@ -151,16 +187,9 @@ def attention_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Canonical backward: ``dq``, ``dk``, ``dv`` and the float mask's gradient (an empty tensor when not asked).
     ``grad_lse`` ``(B, H, G, L)`` is the gradient of the lse output, for callers that return it."""
-    problem = _problem(q, k, v, mask, is_causal, scale)
-    dropout = _dropout(dropout_p, seed)
-    (dq, dk, dv, dmask), _ = retry_out_of_memory(
-        lambda blocks: attention_backward(
-            problem, out, lse, grad_out, blocks[0], blocks[1], dropout, mask_grad, grad_lse, blocks[2]
-        ),
-        (block_m, block_n, block_h),
-        lambda: () if pinned else _halved_blocks(block_m, block_n, block_h, q.shape[0] * q.shape[1]),
-        q.device,
-        what="noflash backward",
+    dq, dk, dv, dmask = backward_with_retry(
+        _problem(q, k, v, mask, is_causal, scale), out, lse, grad_out, block_m, block_n, block_h,
+        dropout=_dropout(dropout_p, seed), mask_grad=mask_grad, grad_lse=grad_lse, pinned=pinned,
     )
     if dmask is None:
         dmask = q.new_empty((0,))
@@ -205,3 +234,41 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    """Canonical ``(q, k, v, mask) -> (out, lse)``, differentiable through both outputs: the lse's gradient enters
+    the backward as ``dS = P * (dP - (D - dlse))`` (``d lse / d S = P``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int, tier: int,
+                block_m: int, block_n: int, pinned: bool, block_h: int):
+        out, lse = attention_forward_op(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n,
+                                        pinned, block_h)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.params = (is_causal, scale, dropout_p, seed, block_m, block_n, pinned, block_h)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        is_causal, scale, dropout_p, seed, block_m, block_n, pinned, block_h = ctx.params
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        mask_grad = mask is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = attention_backward_op(
+            grad_out.contiguous(), q, k, v, mask, out, lse, is_causal, scale, dropout_p, seed, block_m, block_n,
+            mask_grad, pinned, grad_lse, block_h,
+        )
+        return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 9
+
+
+def attention_with_lse_op(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float, dropout_p: float,
+    seed: int, tier: int, block_m: int, block_n: int, pinned: bool, block_h: int = 0,
+) -> Tuple[Tensor, Tensor]:
+    """Canonical forward returning ``out (B, H, G, L, Ev)`` and ``lse (B, H, G, L)``, both differentiable (tiers
+    1 and 2); arguments as :func:`attention_forward_op`."""
+    return _AttentionWithLse.apply(q, k, v, mask, is_causal, scale, dropout_p, seed, tier, block_m, block_n,
+                                   pinned, block_h)

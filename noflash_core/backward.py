@@ -21,7 +21,7 @@ inputs). Tier 1's backward is this with ``block_n = S``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -91,6 +91,66 @@ def attention_backward(
     return dq, dk, dv, grad_mask
 
 
+class _RowBlock(NamedTuple):
+    """One block of query rows ``i0:i1`` of a chunk, ready for its key tiles (``n = G * (i1 - i0)`` rows)."""
+
+    i0: int
+    i1: int
+    qb: torch.Tensor  # (hb, hh, n, E) scaled query operand
+    dob: torch.Tensor  # (hb, hh, n, Ev) dO operand
+    d_b: torch.Tensor  # (hb, hh, G, bm, 1) D = rowsum(dO * O), minus dlse when the lse is an output
+    lse_b: torch.Tensor  # (hb, hh, G, bm, 1) the guarded row log-sum-exp
+    dq_b: torch.Tensor  # (hb, hh, n, E) the dq accumulator
+
+
+def _row_block(t: ChunkTiles, out_c, lse_c, dout_c, grad_lse: Optional[torch.Tensor], i0: int, i1: int) -> _RowBlock:
+    _, _, g, _, _, e, ev = t.problem.dims
+    acc, masks = t.tm.acc_dtype, t.masks
+    bm = i1 - i0
+    qb = t.query_block(i0, i1, t.problem.scale * masks.units)
+    dout_b = dout_c[:, :, :, i0:i1]
+    # D = rowsum(dO * O) and the guarded log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
+    d_b = (dout_b.to(acc) * out_c[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        d_b = d_b - grad_lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
+    lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf")) * masks.units
+    dob = t.tm.operand(dout_b).reshape(t.hb, t.hh, g * bm, ev)
+    dq_b = torch.zeros(t.hb, t.hh, g * bm, e, dtype=acc, device=t.q.device)
+    return _RowBlock(i0, i1, qb, dob, d_b, lse_b, dq_b)
+
+
+def _tile_backward(t: ChunkTiles, rb: _RowBlock, j0: int, j1: int, dropout: Optional[DropoutSpec],
+                   dk_acc: torch.Tensor, dv_acc: torch.Tensor, dmask: Optional[torch.Tensor]) -> None:
+    """Keys ``j0:j1`` of one row block: adds into ``rb.dq_b``, ``dk_acc``, ``dv_acc`` and ``dmask``."""
+    problem, masks, tm, hb, hh = t.problem, t.masks, t.tm, t.hb, t.hh
+    _, _, g, length, s, _, _ = problem.dims
+    i0, i1 = rb.i0, rb.i1
+    bm, bn = i1 - i0, j1 - j0
+    scores = tm.matmul(rb.qb, t.kt[..., j0:j1]).view(hb, hh, g, bm, bn)
+    masks.apply(scores, i0, i1, j0, j1)
+    probs = masks.exp_(scores.sub_(rb.lse_b))
+    keep = None
+    if dropout is not None:
+        keep = dropout_keep_scale(dropout, t.heads, length, s, i0, i1, j0, j1, tm.acc_dtype)
+        dropped = (probs * keep).view(hb, hh, g * bm, bn)
+    else:
+        dropped = probs.view(hb, hh, g * bm, bn)
+    dv_acc[:, :, j0:j1].add_(tm.matmul(dropped.transpose(-1, -2), rb.dob))
+    del dropped
+    dp = tm.matmul(rb.dob, t.vo.transpose(-1, -2)[..., j0:j1]).view(hb, hh, g, bm, bn)
+    if keep is not None:
+        dp.mul_(keep)
+        del keep
+    ds = dp.sub_(rb.d_b).mul_(probs)
+    del probs
+    if dmask is not None:
+        dm_tile = mask_tile(dmask, i0, i1, j0, j1)
+        dm_tile.add_(_reduce_to(ds, dm_tile.shape))
+    ds3 = ds.view(hb, hh, g * bm, bn)
+    rb.dq_b.add_(tm.matmul(ds3, t.ko[..., j0:j1, :]))
+    dk_acc[:, :, j0:j1].add_(tm.matmul(ds3.transpose(-1, -2), rb.qb), alpha=1.0 / masks.units)
+
+
 def _chunk_backward(
     t: ChunkTiles,
     out: torch.Tensor,
@@ -107,57 +167,21 @@ def _chunk_backward(
 ) -> None:
     """The backward of one chunk of batch-head pairs: writes its slices of ``dq``, ``dk``, ``dv`` and adds into
     ``dmask`` (the chunk's view of the mask gradient)."""
-    problem, chunk, masks, tm, hb, hh = t.problem, t.chunk, t.masks, t.tm, t.hb, t.hh
-    _, _, g, length, s, e, ev = problem.dims
-    acc = tm.acc_dtype
-    ko, kt, vt = t.ko, t.kt, t.vo.transpose(-1, -2)
+    problem, chunk = t.problem, t.chunk
+    _, _, g, length, s, e, _ = problem.dims
+    acc = t.tm.acc_dtype
     out_c, lse_c, dout_c, dq_c = chunk.of(out), chunk.of(lse), chunk.of(grad_out), chunk.of(dq)
-    device = t.q.device
     # Key and value gradients accumulate in place when they already have the accumulator dtype.
     dk_c, dv_c = chunk.of(dk), chunk.of(dv)
-    dk_acc = dk_c if dk_c.dtype == acc else torch.zeros(dk_c.shape, dtype=acc, device=device)
-    dv_acc = dv_c if dv_c.dtype == acc else torch.zeros(dv_c.shape, dtype=acc, device=device)
+    dk_acc = dk_c if dk_c.dtype == acc else torch.zeros(dk_c.shape, dtype=acc, device=t.q.device)
+    dv_acc = dv_c if dv_c.dtype == acc else torch.zeros(dv_c.shape, dtype=acc, device=t.q.device)
     for i0, i1 in row_blocks(length, block_m):
-        bm = i1 - i0
-        qb = t.query_block(i0, i1, problem.scale * masks.units)
-        dout_b = dout_c[:, :, :, i0:i1]
-        # D = rowsum(dO * O) and the guarded log-sum-exp, one block at a time (no (L, Ev)-sized temporaries).
-        d_b = (dout_b.to(acc) * out_c[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)
-        if grad_lse is not None:
-            d_b = d_b - grad_lse[:, :, :, i0:i1].to(acc).unsqueeze(-1)
-        lse_b = guard_dead_rows(lse_c[:, :, :, i0:i1].to(acc).unsqueeze(-1), NEG_INF, float("inf")) * masks.units
-        dob = tm.operand(dout_b).reshape(hb, hh, g * bm, ev)
-        dq_b = torch.zeros(hb, hh, g * bm, e, dtype=acc, device=device)
+        rb = _row_block(t, out_c, lse_c, dout_c, grad_lse, i0, i1)
         s_end = visible_keys(i1, s, problem.is_causal)
         for j0 in range(0, s_end, block_n):
-            j1 = min(s_end, j0 + block_n)
-            bn = j1 - j0
-            scores = tm.matmul(qb, kt[..., j0:j1]).view(hb, hh, g, bm, bn)
-            masks.apply(scores, i0, i1, j0, j1)
-            probs = masks.exp_(scores.sub_(lse_b))
-            keep = None
-            if dropout is not None:
-                keep = dropout_keep_scale(dropout, t.heads, length, s, i0, i1, j0, j1, acc)
-                dropped = (probs * keep).view(hb, hh, g * bm, bn)
-            else:
-                dropped = probs.view(hb, hh, g * bm, bn)
-            dv_acc[:, :, j0:j1].add_(tm.matmul(dropped.transpose(-1, -2), dob))
-            del dropped
-            dp = tm.matmul(dob, vt[..., j0:j1]).view(hb, hh, g, bm, bn)
-            if keep is not None:
-                dp.mul_(keep)
-                del keep
-            ds = dp.sub_(d_b).mul_(probs)
-            del probs
-            if dmask is not None:
-                dm_tile = mask_tile(dmask, i0, i1, j0, j1)
-                dm_tile.add_(_reduce_to(ds, dm_tile.shape))
-            ds3 = ds.view(hb, hh, g * bm, bn)
-            dq_b.add_(tm.matmul(ds3, ko[..., j0:j1, :]))
-            dk_acc[:, :, j0:j1].add_(tm.matmul(ds3.transpose(-1, -2), qb), alpha=1.0 / masks.units)
-            del ds, ds3, dp, scores
-        dq_c[:, :, :, i0:i1] = dq_b.view(hb, hh, g, bm, e).mul_(problem.scale)
-        del dq_b, qb, dob
+            _tile_backward(t, rb, j0, min(s_end, j0 + block_n), dropout, dk_acc, dv_acc, dmask)
+        dq_c[:, :, :, i0:i1] = rb.dq_b.view(t.hb, t.hh, g, i1 - i0, e).mul_(problem.scale)
+        del rb
     if dk_acc is not dk_c:
         dk_c.copy_(dk_acc)
     if dv_acc is not dv_c:

@@ -171,7 +171,7 @@ def _try_backend(device: torch.device, backend) -> bool:
     """Whether torch's SDPA ``backend`` runs a tiny call on ``device`` (the only part of the probe that computes)."""
     from torch.nn.attention import sdpa_kernel
 
-    from .sdpa import original_sdpa
+    from .torch_sdpa import original_sdpa
 
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     try:

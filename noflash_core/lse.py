@@ -7,94 +7,23 @@ is the online-softmax rescaling of Milakov & Gimelshein 2018 and FlashAttention,
 
     lse = logaddexp(lse_a, lse_b),  out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b.
 
-Forward: tier 1 or tier 2 (both keep the row statistics), O(N) memory. Backward: the tiled recompute of
-``backward.py``; the lse output's gradient enters as ``dS = P * (dP - (D - dlse))`` per row, because
+It is :func:`noflash_core.attention` with ``return_lse=True`` (the same validation, plan cache and out-of-memory
+retry): forward on tier 1 or tier 2 (both keep the row statistics), O(N) memory; backward the tiled recompute of
+``backward.py``, where the lse output's gradient enters as ``dS = P * (dP - (D - dlse))`` per row, because
 ``d lse / d S = P``.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
 
-from . import telemetry
-from .attention_op import attention_backward_op, attention_forward_op
-from .budget import resolve_budget
-from .device import device_profile
-from .planner import Plan, candidate_plans
-from .problem import AttentionProblem, build_problem, validate_arguments
+from .dispatch import attention
 
-__all__ = ["attention_with_lse", "emit_record", "plan_lse_problem"]
+__all__ = ["attention_with_lse"]
 
-_MiB = 1024 * 1024
 Tensor = torch.Tensor
-
-
-def plan_lse_problem(
-    problem: AttentionProblem,
-    requires_grad: bool,
-    budget_bytes: Optional[int] = None,
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-) -> Plan:
-    """The fastest tier-1 or tier-2 plan (the tiers that return the lse) that fits the budget, else the smallest.
-
-    Args:
-        problem: a canonical problem (see ``problem.py``).
-        requires_grad: plan for the backward pass too.
-        budget_bytes: working-memory budget; default from :func:`noflash_core.budget.resolve_budget`.
-        block_m, block_n: pin the block sizes (tier 2 with both pinned, as the planner does).
-    """
-    budget = resolve_budget(problem.query.device, budget_bytes)
-    tiers = (2, 1) if device_profile(problem.query.device).device_class == "cpu" else (1, 2)
-    if block_m is not None and block_n is not None:
-        tiers = (2,)
-    cands = list(candidate_plans(problem, budget, requires_grad, False, tiers, block_m, block_n))
-    if block_m is not None or block_n is not None:
-        return replace(cands[0], reason="blocks pinned by the caller")
-    for cand in cands:
-        if cand.fits:
-            return replace(cand, reason=f"fastest tier with an lse that fits {budget / _MiB:.0f} MiB")
-    smallest = min(cands, key=lambda c: c.peak_bytes)
-    return replace(smallest, reason=f"nothing with an lse fits {budget / _MiB:.0f} MiB; the smallest plan")
-
-
-def emit_record(p: Plan, query: Tensor, key: Tensor, what: str) -> None:
-    """Tell telemetry listeners which tier and blocks ``what`` ran (free when nobody listens)."""
-    if telemetry.has_listeners() and not torch.compiler.is_compiling():
-        telemetry.emit(
-            telemetry.CallRecord.of_call("noflash", p.tier, (p.block_m, p.block_n), query, key, f"{what}: {p.reason}")
-        )
-
-
-class _AttentionWithLse(torch.autograd.Function):
-    """Canonical ``(q, k, v, mask) -> (out, lse)`` with a backward that takes both output gradients."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal: bool, scale: float, tier: int, block_m: int, block_n: int,
-                block_h: int = 0):
-        out, lse = attention_forward_op(
-            q, k, v, mask, is_causal, scale, 0.0, 0, tier, block_m, block_n, False, block_h
-        )
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.params = (is_causal, scale, block_m, block_n, block_h)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        is_causal, scale, block_m, block_n, block_h = ctx.params
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        mask_grad = mask is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dmask = attention_backward_op(
-            grad_out.contiguous(), q, k, v, mask, out, lse, is_causal, scale, 0.0, 0, block_m, block_n, mask_grad,
-            False, grad_lse, block_h,
-        )
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
 
 def attention_with_lse(
@@ -130,17 +59,6 @@ def attention_with_lse(
     Raises:
         RuntimeError: for the inputs torch's SDPA rejects, with a message naming the argument.
     """
-    if any(getattr(t, "is_nested", False) for t in (query, key, value)):
-        raise RuntimeError("attention_with_lse: nested tensors are not supported; pad the batch to one length.")
-    validate_arguments(query, key, value, attn_mask, is_causal, enable_gqa)
-    problem = build_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-    with_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, attn_mask)
-    )
-    p = plan_lse_problem(problem, with_grad, budget_bytes)
-    out, lse = _AttentionWithLse.apply(
-        problem.query, problem.key, problem.value, problem.mask, problem.is_causal, problem.scale, p.tier,
-        p.block_m, p.block_n, p.block_h,
-    )
-    emit_record(p, query, key, "attention_with_lse")
-    return out.reshape(problem.out_shape), lse.reshape(problem.out_shape[:-1])
+    result = attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, budget_bytes=budget_bytes,
+                       return_lse=True)
+    return result.out, result.lse

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import torch.nn.functional as F
 
-from .sdpa import _attention
+from .dispatch import attention
 
 __all__ = ["disable", "enable", "is_enabled", "patched", "threshold_from_env"]
 
@@ -44,11 +44,10 @@ def _make_wrapper(original: Callable, threshold: int) -> Callable:
     def noflash_sdpa(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
     ):
-        out, _ = _attention(
+        return attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, threshold=threshold,
             passthrough=original,
-        )
-        return out
+        ).out
 
     noflash_sdpa.__noflash__ = True
     noflash_sdpa.__noflash_threshold__ = threshold

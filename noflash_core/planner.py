@@ -14,13 +14,13 @@ Tier 0 means torch's own SDPA: the fast path for decode-sized queries and proble
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .budget import resolve_budget
 from .device import device_profile
-from .problem import AttentionProblem, build_problem
+from .problem import AttentionProblem, Dims, build_problem
 from .tiles import TileMath
 from .tune.lookup import TunedPlan, entry_plans, tuned_entry
 from .tune.session import active_hook
@@ -30,10 +30,12 @@ __all__ = [
     "MIN_GEMM_ROWS",
     "Plan",
     "candidate_plans",
+    "check_lse_tier",
     "plan",
     "plan_problem",
     "planning_math",
     "predict_peak_bytes",
+    "tier_order",
 ]
 
 MIN_BLOCK = 16
@@ -106,6 +108,89 @@ def planning_math(problem: AttentionProblem) -> TileMath:
     return TileMath.for_inputs(problem.query, problem.key, problem.value, read_values=False)
 
 
+class _Sizes(NamedTuple):
+    """The byte sizes :func:`predict_peak_bytes` builds its sums from (one problem, one block shape)."""
+
+    dims: Dims
+    inp: int  # bytes per input element
+    op: int  # per matmul-operand element
+    acc: int  # per accumulator element
+    pairs: int  # batch-head pairs, b * h
+    hc: int  # batch-head pairs per step
+    bm: int  # query rows per block
+    s_vis: int  # keys the last query block can see
+    out: int  # the output
+    mask_b: int  # a bool mask tile's negation, per score element (0 or 1)
+    mask_prep: int  # a key-padding bool mask turned into a bias, once per call
+    half_p: int  # the half copy of P for the P @ V matmul, per score element
+    convert_kv: int  # one step's key/value operand copies
+    small: int  # row statistics and slack
+
+
+def _sizes(problem: AttentionProblem, block_m: int, block_h: int, tm: TileMath) -> _Sizes:
+    b, h, g, length, s, e, ev = dims = problem.dims
+    q = problem.query
+    inp, op, acc = _elt(q.dtype), _elt(tm.operand_dtype), _elt(tm.acc_dtype)
+    pairs = b * h
+    hc = pairs if block_h <= 0 else min(block_h, pairs)
+    bm = max(1, min(block_m, length))
+    mask = problem.mask
+    mask_b = 1 if mask is not None and mask.dtype == torch.bool and mask.shape[-2] != 1 else 0
+    # A key-padding bool mask becomes a 0/-inf bias once per call (its negation is transient).
+    mask_prep = mask.numel() * (acc + 1) if mask is not None and mask.dtype == torch.bool and mask_b == 0 else 0
+    return _Sizes(
+        dims, inp, op, acc, pairs, hc, bm, min(s, length) if problem.is_causal else s,
+        out=pairs * g * length * ev * inp, mask_b=mask_b, mask_prep=mask_prep, half_p=op if op != acc else 0,
+        convert_kv=hc * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0, small=6 * hc * g * bm * acc + 4096,
+    )
+
+
+def _math_peak(problem: AttentionProblem, z: _Sizes) -> int:
+    """torch's math SDPA: scores and probabilities; half inputs are upcast (q, k, v and the output in fp32)."""
+    _, _, g, length, s, e, ev = z.dims
+    bhg = z.pairs * g
+    upcast = (bhg * length * (e + ev) + z.pairs * s * (e + ev)) * z.acc if z.inp == 2 else 0
+    return 2 * bhg * length * s * z.acc + z.out + upcast
+
+
+def _forward_peak(problem: AttentionProblem, tier: int, block_n: int, dropout: bool, z: _Sizes) -> int:
+    """Tiers 1, 2 and 3 forward: output, statistics, operand copies and one step's score block."""
+    _, _, g, length, s, e, ev = z.dims
+    hg = z.hc * g
+    # Per score element: the fp32 score, its half copy for P @ V, a bool mask tile's negation, dropout temporaries.
+    per_elt = z.acc + z.half_p + z.mask_b + (40 if dropout else 0)
+    if tier == 3:
+        # One reused scratch for the scores and one for P @ V.
+        causal = 4 * z.bm * z.bm if problem.is_causal else 0
+        scratch = hg * z.bm * (z.s_vis * per_elt + e * 2 * z.op + ev * z.acc)
+        return z.out + z.mask_prep + z.convert_kv + causal + scratch + z.small
+    bn = z.s_vis if tier == 1 else max(1, min(block_n, z.s_vis))
+    causal = 4 * z.bm * min(z.bm, bn) if problem.is_causal else 0
+    lse = z.pairs * g * length * z.acc
+    q_block = hg * z.bm * e * 2 * z.op
+    block = hg * z.bm * (bn * per_elt + 2 * ev * z.acc)
+    return z.out + lse + z.mask_prep + z.convert_kv + q_block + block + causal + z.small
+
+
+def _backward_peak(problem: AttentionProblem, tier: int, block_n: int, dropout: bool, z: _Sizes) -> int:
+    """The tiled backward (``backward.py``) of tiers 1 and 2."""
+    _, _, g, length, s, e, ev = z.dims
+    hg, bhg, acc, op, inp = z.hc * g, z.pairs * g, z.acc, z.op, z.inp
+    bn = z.s_vis if tier == 1 else max(1, min(block_n, z.s_vis))
+    causal = 4 * z.bm * min(z.bm, bn) if problem.is_causal else 0
+    lse = bhg * length * acc
+    # Held through the backward: output, lse, the incoming gradient and the three gradients (input dtype).
+    held = z.out + lse + bhg * length * ev * inp + (bhg * length * e + z.pairs * s * (e + ev)) * inp + z.mask_prep
+    # Per chunk: operand copies and fp32 key/value gradient accumulators (when the inputs are not fp32).
+    chunk = z.convert_kv + (z.hc * s * (e + ev) * acc if acc != inp else 0)
+    # Per query block: q and dO blocks, D and lse rows, the dq block, and per tile: scores/P, dP/dS, dropout
+    # multipliers and the matmul results added into dq, dk and dv.
+    row_block = hg * z.bm * (2 * e * op + 3 * ev * max(acc, op) + e * acc + 4 * acc)
+    tile = hg * z.bm * bn * (2 * acc + z.half_p + z.mask_b + (40 if dropout else 0))
+    tile_grads = (hg * z.bm * e + 2 * z.hc * bn * max(e, ev)) * acc
+    return held + chunk + row_block + tile + tile_grads + causal + z.small
+
+
 def predict_peak_bytes(
     problem: AttentionProblem,
     tier: int,
@@ -124,56 +209,13 @@ def predict_peak_bytes(
     tiles). ``block_h`` batch-head pairs run per step (0: all). The figures mirror the allocations of ``tier1.py``,
     ``tier2.py``, ``tier3.py`` and ``backward.py``; tests hold them against the live-bytes tracker.
     """
-    b, h, g, length, s, e, ev = problem.dims
-    q = problem.query
-    tm = tile_math or planning_math(problem)
-    inp, op, acc = _elt(q.dtype), _elt(tm.operand_dtype), _elt(tm.acc_dtype)
-    pairs = b * h
-    bhg = pairs * g
-    bm = max(1, min(block_m, length))
-    out = bhg * length * ev * inp
-    mask = problem.mask
-    mask_b = 1 if mask is not None and mask.dtype == torch.bool and mask.shape[-2] != 1 else 0
-    # A key-padding bool mask becomes a 0/-inf bias once per call (its negation is transient).
-    mask_prep = mask.numel() * (acc + 1) if mask is not None and mask.dtype == torch.bool and mask_b == 0 else 0
-    # Per score element: the fp32 score, its half copy for the P @ V matmul (half operands), a bool mask tile's
-    # negation and the dropout hash temporaries.
-    half_p = op if op != acc else 0
-    per_elt = acc + half_p + mask_b + (40 if dropout else 0)
+    z = _sizes(problem, block_m, block_h, tile_math or planning_math(problem))
     if tier == 0:
-        # torch's math SDPA: scores and probabilities; half inputs are upcast (q, k, v and the output in fp32).
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        upcast = (bhg * length * (e + ev) + pairs * s * (e + ev)) * acc if half else 0
-        return 2 * bhg * length * s * acc + out + upcast
-    s_vis = min(s, length) if problem.is_causal else s  # keys the last query block can see
-    hc = pairs if block_h <= 0 else min(block_h, pairs)
-    hg = hc * g
-    small = 6 * hg * bm * acc + 4096
-    if tier == 3:
-        # One reused scratch for the scores and one for P @ V; the chunk's operand copies.
-        chunk_kv = hc * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
-        causal = 4 * bm * bm if problem.is_causal else 0
-        return out + mask_prep + chunk_kv + causal + hg * bm * (s_vis * per_elt + e * 2 * op + ev * acc) + small
-    bn = s_vis if tier == 1 else max(1, min(block_n, s_vis))
-    causal = 4 * bm * min(bm, bn) if problem.is_causal else 0
-    convert_kv = hc * s * (e + ev) * op if tm.operand_dtype != q.dtype else 0
-    lse = bhg * length * acc
-    q_block = hg * bm * e * 2 * op
-    block = hg * bm * (bn * per_elt + 2 * ev * acc)
-    forward = out + lse + mask_prep + convert_kv + q_block + block + causal + small
-    if not requires_grad:
+        return _math_peak(problem, z)
+    forward = _forward_peak(problem, tier, block_n, dropout, z)
+    if not requires_grad or tier == 3:
         return forward
-    # Held through the backward: output, lse, the incoming gradient and the three gradients (input dtype).
-    held = out + lse + bhg * length * ev * inp + (bhg * length * e + pairs * s * (e + ev)) * inp + mask_prep
-    # Per chunk: operand copies and fp32 key/value gradient accumulators (when the inputs are not fp32).
-    chunk = convert_kv + (hc * s * (e + ev) * acc if acc != inp else 0)
-    # Per query block: q and dO blocks, D and lse rows, the dq block, and per tile: scores/P, dP/dS, dropout
-    # multipliers and the matmul results added into dq, dk and dv.
-    row_block = hg * bm * (2 * e * op + 3 * ev * max(acc, op) + e * acc + 4 * acc)
-    tile = hg * bm * bn * (2 * acc + half_p + mask_b + (40 if dropout else 0))
-    tile_grads = (hg * bm * e + 2 * hc * bn * max(e, ev)) * acc
-    backward = held + chunk + row_block + tile + tile_grads + causal + small
-    return max(forward, backward)
+    return max(forward, _backward_peak(problem, tier, block_n, dropout, z))
 
 
 def _device_class(device: torch.device) -> str:
@@ -248,15 +290,20 @@ def candidate_plans(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     tile_math: Optional[TileMath] = None,
+    need_lse: bool = False,
 ) -> Iterator[Plan]:
     """Every plan worth trying, fastest first: each tier in preference order; within a tier the preferred step,
     then fewer batch-head pairs per step, then smaller query blocks (and key blocks for tier 2).
 
     Explicit ``block_m``/``block_n`` pin the first candidate of each tier; the later ones halve from there.
+    ``need_lse``: only tiers that return the row log-sum-exp (1 and 2), in the order used under grad.
     """
     device_class = _device_class(problem.query.device)
     tm = tile_math or planning_math(problem)
-    order = tuple(tiers) if tiers is not None else _TIER_ORDER[(device_class, requires_grad)]
+    order = tuple(tiers) if tiers is not None else tier_order(device_class, requires_grad, need_lse)
+    if need_lse:
+        for tier in order:
+            check_lse_tier(tier)
     b, h, g, length, s, e, ev = problem.dims
     pairs = b * h
     for tier in order:
@@ -286,6 +333,18 @@ def candidate_plans(
                 yield make(1, bm, bn)
 
 
+def tier_order(device_class: str, requires_grad: bool, need_lse: bool = False) -> Tuple[int, ...]:
+    """The tiers ``"auto"`` tries, fastest first, on a ``"cpu"`` or ``"gpu"`` device class. Under grad or when
+    the caller needs the row log-sum-exp only tiers 1 and 2 qualify (tier 3 keeps no statistics)."""
+    return _TIER_ORDER[(device_class, requires_grad or need_lse)]
+
+
+def check_lse_tier(tier: TierArg) -> None:
+    """ValueError unless ``tier`` returns the row log-sum-exp (1, 2 or ``"auto"``)."""
+    if tier not in ("auto", 1, 2, "1", "2"):
+        raise ValueError(f"tier {tier!r} returns no log-sum-exp; use tier 1, 2 or 'auto' with return_lse=True.")
+
+
 def _fast_path_plan(problem: AttentionProblem, budget: int, requires_grad: bool) -> Optional[Plan]:
     b, h, g, length, s, e, ev = problem.dims
     # Math keeps scores and probabilities (and their gradients under grad): about 2 or 4 score-sized tensors.
@@ -308,6 +367,7 @@ def plan_problem(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     use_tuning: bool = True,
+    need_lse: bool = False,
 ) -> Plan:
     """Plan a canonical problem (see :func:`plan`). ``use_tuning=False`` ignores the tuning cache (the cost model's
     plan, ``source="model"``)."""
@@ -316,17 +376,19 @@ def plan_problem(
         first = next(candidate_plans(problem, budget, requires_grad, dropout, (int(tier),), block_m, block_n))
         return replace(first, reason=f"tier {tier} requested")
     auto = block_m is None and block_n is None and not dropout
-    if auto:
+    if auto and not need_lse:
         fast = _fast_path_plan(problem, budget, requires_grad)
         if fast is not None:
             return fast
-    model = _model_plan(problem, budget, requires_grad, dropout, block_m, block_n)
-    return _consult_tuning(problem, model) if auto and use_tuning else model
+    model = _model_plan(problem, budget, requires_grad, dropout, block_m, block_n, need_lse)
+    # Tuned entries are timed without the log-sum-exp (any tier): calls that need it keep the model's tier 1/2 plan.
+    return _consult_tuning(problem, model) if auto and use_tuning and not need_lse else model
 
 
-def _model_plan(problem: AttentionProblem, budget: int, requires_grad: bool, dropout: bool, block_m, block_n) -> Plan:
+def _model_plan(problem: AttentionProblem, budget: int, requires_grad: bool, dropout: bool, block_m, block_n,
+                need_lse: bool = False) -> Plan:
     cands = []
-    for cand in candidate_plans(problem, budget, requires_grad, dropout, None, block_m, block_n):
+    for cand in candidate_plans(problem, budget, requires_grad, dropout, None, block_m, block_n, need_lse=need_lse):
         if cand.fits:
             return replace(cand, reason=f"fastest tier that fits {budget / _MiB:.0f} MiB")
         cands.append(cand)
@@ -379,6 +441,7 @@ def plan(
     tier: TierArg = "auto",
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
+    return_lse: bool = False,
 ) -> Plan:
     """Plan an SDPA call: the tier, block sizes and predicted peak working bytes the dispatcher will use.
 
@@ -386,11 +449,14 @@ def plan(
         query, key, value, attn_mask, is_causal: as for SDPA (only shapes, dtypes and device are read).
         budget_bytes: working-memory budget; default from :func:`noflash_core.budget.resolve_budget`.
         requires_grad: plan for a backward pass too; default: whether any input requires grad.
+        return_lse: plan a call that also returns the row log-sum-exp (tiers 1 and 2 only).
 
     Returns:
         A :class:`Plan`. ``plan.fits`` is False when even the smallest plan exceeds the budget.
     """
     problem = build_problem(query, key, value, attn_mask, is_causal, None, enable_gqa)
+    if return_lse and tier != "auto":
+        check_lse_tier(tier)
     if requires_grad is None:
         requires_grad = any(t is not None and t.requires_grad for t in (query, key, value, attn_mask))
     return plan_problem(
@@ -401,5 +467,6 @@ def plan(
         tier=tier,
         block_m=block_m,
         block_n=block_n,
+        need_lse=return_lse,
     )
 

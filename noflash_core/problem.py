@@ -26,6 +26,7 @@ from typing import Dict, Hashable, NamedTuple, Optional, Tuple
 
 import torch
 
+from .caches import register
 from .tracing import is_compiling
 
 __all__ = ["AttentionProblem", "Dims", "build_problem", "call_signature", "tier3_grad_error", "validate_arguments"]
@@ -84,11 +85,7 @@ def tier3_grad_error() -> RuntimeError:
     )
 
 
-def validate_arguments(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
-    enable_gqa: bool,
-) -> None:
-    """Raise RuntimeError, as torch's SDPA does, for arguments it rejects."""
+def _check_operands(query, key, value) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scaled_dot_product_attention: {name} must be a Tensor, got {type(t).__name__}.")
@@ -112,6 +109,9 @@ def validate_arguments(
             "scaled_dot_product_attention: query, key and value must be on one device, got "
             f"{query.device}, {key.device}, {value.device}. Move them with .to(device)."
         )
+
+
+def _check_sizes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     if query.shape[-1] != key.shape[-1]:
         raise RuntimeError(
             f"scaled_dot_product_attention: query's last dim (E={query.shape[-1]}) must equal key's last dim "
@@ -122,21 +122,10 @@ def validate_arguments(
             f"scaled_dot_product_attention: key and value must have the same sequence length, got key S="
             f"{key.shape[-2]} and value S={value.shape[-2]}."
         )
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError("scaled_dot_product_attention: attn_mask must be a Tensor or None.")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise RuntimeError(
-                "scaled_dot_product_attention: attn_mask must be bool or have query's dtype, got "
-                f"attn_mask.dtype={attn_mask.dtype} and query.dtype={query.dtype}. Cast the mask with "
-                ".to(query.dtype), or pass a bool mask (True = takes part)."
-            )
-        if is_causal:
-            raise RuntimeError(
-                "scaled_dot_product_attention: attn_mask and is_causal=True were both given. Pass only one: fold "
-                "the causal pattern into attn_mask, or drop attn_mask."
-            )
-    if enable_gqa and query.dim() >= 3:
+
+
+def _check_gqa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    if query.dim() >= 3:
         hq = query.shape[-3]
         hk = key.shape[-3] if key.dim() >= 3 else 1
         hv = value.shape[-3] if value.dim() >= 3 else 1
@@ -145,6 +134,36 @@ def validate_arguments(
                 f"scaled_dot_product_attention: with enable_gqa=True the number of query heads ({hq}) must be a "
                 f"multiple of the key heads ({hk}) and the value heads ({hv}). Use a head count that divides."
             )
+
+
+def _check_mask(query: torch.Tensor, attn_mask, is_causal: bool) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError("scaled_dot_product_attention: attn_mask must be a Tensor or None.")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise RuntimeError(
+            "scaled_dot_product_attention: attn_mask must be bool or have query's dtype, got "
+            f"attn_mask.dtype={attn_mask.dtype} and query.dtype={query.dtype}. Cast the mask with "
+            ".to(query.dtype), or pass a bool mask (True = takes part)."
+        )
+    if is_causal:
+        raise RuntimeError(
+            "scaled_dot_product_attention: attn_mask and is_causal=True were both given. Pass only one: fold "
+            "the causal pattern into attn_mask, or drop attn_mask."
+        )
+
+
+def validate_arguments(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+    enable_gqa: bool,
+) -> None:
+    """Raise RuntimeError (TypeError for non-tensors), as torch's SDPA does, for arguments it rejects; the
+    message names the argument and the fix."""
+    _check_operands(query, key, value)
+    _check_sizes(query, key, value)
+    if attn_mask is not None:
+        _check_mask(query, attn_mask, is_causal)
+    if enable_gqa:
+        _check_gqa_heads(query, key, value)
 
 
 def _split_heads(t: torch.Tensor) -> Tuple[Tuple[int, ...], int]:
@@ -277,6 +296,7 @@ def call_signature(query, key, value, attn_mask, is_causal: bool, enable_gqa: bo
 
 
 _layouts: Dict[Hashable, _Layout] = {}
+register(_layouts.clear)
 
 
 def _layout(query, key, value, attn_mask, is_causal: bool, enable_gqa: bool, signature) -> _Layout:

@@ -84,8 +84,10 @@ def test_status_is_json_ready():
 
     mon = RunMonitor("x", history=RunHistory())
     mon.record(_call())
-    json.dumps(mon.status())
-    json.dumps(mon.finish())
+    for status in (mon.status(), mon.finish()):
+        # JSON-native values only: a tuple, a dtype or a device would not come back equal (or not serialise).
+        assert json.loads(json.dumps(status)) == status
+        assert status["calls"] == 1 and status["tiers"] == {"2": 1} and status["device"] == "cpu"
 
 
 def test_peak_memory_on_cpu_says_so():

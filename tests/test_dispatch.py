@@ -1,5 +1,6 @@
-"""The one dispatch path: the plan it returns is the plan that ran, cached plans follow budget and grad, errors
-are raised on every call, and the global patch's pass-through calls are reported as such."""
+"""The one dispatch path, ``noflash_core.attention``: the plan it returns is the plan that ran, cached plans follow
+budget and grad, errors are raised on every call, the lse comes from the same path, and the global patch's
+pass-through calls are reported as such."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 import noflash_core as nc
 from noflash_core import telemetry
-from noflash_core.sdpa import _attention
+from noflash_core.dispatch import plan_attention
 from tests.support.reference import math_sdpa
 
 
@@ -24,8 +25,8 @@ def _recorded(fn):
 
 def test_returned_plan_is_the_one_reported_and_planned():
     q, k, v = (torch.randn(1, 4, 512, 32) for _ in range(3))
-    (out, used), seen = _recorded(lambda: _attention(q, k, v, budget_bytes=1 << 20))
-    assert used.tier in (1, 2, 3) and used == nc.plan(q, k, v, budget_bytes=1 << 20)
+    (out, lse, used), seen = _recorded(lambda: nc.attention(q, k, v, budget_bytes=1 << 20))
+    assert lse is None and used.tier in (1, 2, 3) and used == nc.plan(q, k, v, budget_bytes=1 << 20)
     assert [(r.path, r.tier, r.block_m, r.block_n) for r in seen] == [("noflash", used.tier, used.block_m,
                                                                        used.block_n)]
     assert (seen[0].batch, seen[0].heads, seen[0].q_len, seen[0].kv_len, seen[0].head_dim) == (1, 4, 512, 512, 32)
@@ -80,3 +81,26 @@ def test_patch_passthrough_below_threshold_is_reported_as_torch():
         out, seen = _recorded(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert [(r.path, r.tier) for r in seen] == [("torch", 0)] and "threshold 64" in seen[0].reason
     torch.testing.assert_close(out, math_sdpa(q, k, v))
+
+
+def test_lse_comes_from_the_same_path_and_plan():
+    q, k, v = (torch.randn(1, 4, 512, 32, dtype=torch.float64) for _ in range(3))
+    (out, lse, used), seen = _recorded(lambda: nc.attention(q, k, v, budget_bytes=1 << 20, return_lse=True))
+    assert used.tier in (1, 2) and used == nc.plan(q, k, v, budget_bytes=1 << 20, return_lse=True)
+    assert [(r.tier, r.block_m, r.block_n) for r in seen] == [(used.tier, used.block_m, used.block_n)]
+    scores = q @ k.transpose(-1, -2) / 32**0.5
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    torch.testing.assert_close(out, math_sdpa(q, k, v))
+    assert nc.attention(q, k, v, return_lse=True).plan.tier != 0  # never torch's SDPA: it has no lse
+    with pytest.raises(RuntimeError, match="nested"):
+        nested = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 7, 8)], layout=torch.jagged)
+        nc.attention(nested, nested, nested, return_lse=True)
+
+
+def test_plan_attention_is_the_plan_the_call_reuses():
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    nc.clear_caches()
+    planned = plan_attention(q, k, v, budget_bytes=3 << 19, tier=2)
+    result = nc.attention(q, k, v, budget_bytes=3 << 19, tier=2)
+    assert result.plan is planned  # one planning for the VAE's look-ahead and its call
+    assert plan_attention(q, k, v, budget_bytes=3 << 19, tier=2, requires_grad=True) is not planned

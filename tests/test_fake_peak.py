@@ -64,11 +64,18 @@ def test_math_prediction_is_exact(dtype, requires_grad):
     assert predicted.peak_bytes == _real_peak(math_sdpa, shape, dtype, requires_grad)
 
 
-def test_direct_run_for_few_tiles():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_direct_run_for_few_tiles_is_the_real_peak(requires_grad):
     shape = AttentionShape(1, 2, 256, 256, 32)
-    plan, predicted = predict_plan_peak(shape, tier=2, block_m=64, block_n=64, budget_bytes=BUDGET)
-    assert predicted.method == "direct"
-    assert plan.tier == 2 and (plan.block_m, plan.block_n) == (64, 64)
+    plan, predicted = predict_plan_peak(shape, tier=2, block_m=64, block_n=64, budget_bytes=BUDGET,
+                                        requires_grad=requires_grad)
+    assert predicted.method == "direct" and predicted.verified
+
+    def pinned(q, k, v):
+        return scaled_dot_product_attention(q, k, v, tier=2, block_m=64, block_n=64, budget_bytes=BUDGET)
+
+    # A direct run counts the bytes of the very allocations the tiles make: the tracker on real tensors agrees.
+    assert predicted.peak_bytes == _real_peak(pinned, shape, torch.float32, requires_grad)
 
 
 def _toy_tiled(q, k, v, block_m=32):

@@ -9,7 +9,7 @@ import torch
 
 import noflash_core
 from noflash_core import attention_with_lse
-from noflash_core.lse import plan_lse_problem
+from noflash_core.planner import plan_problem
 from noflash_core.problem import build_problem
 from tests.support.reference import assert_close_to_reference, tolerance
 
@@ -137,7 +137,10 @@ def test_plan_uses_a_tier_with_lse():
         q = torch.empty(1, 8, length, 64, device="meta")
         problem = build_problem(q, q, q)
         for grad in (False, True):
-            assert plan_lse_problem(problem, grad).tier in (1, 2)
+            assert plan_problem(problem, requires_grad=grad, need_lse=True).tier in (1, 2)
+        assert noflash_core.plan(q, q, q, return_lse=True).tier in (1, 2)
+    with pytest.raises(ValueError, match="no log-sum-exp"):
+        noflash_core.attention(torch.randn(1, 2, 8, 4), *[torch.randn(1, 2, 8, 4)] * 2, tier=3, return_lse=True)
 
 
 def test_public_and_errors_like_sdpa():

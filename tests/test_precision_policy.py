@@ -46,11 +46,11 @@ def test_nested_tensors_go_to_torch():
 
 def test_fp32_note_logged_once_off_cpu(caplog, monkeypatch):
     # The meta device stands in for a GPU: the tiled path runs there without allocating.
-    from noflash_core import sdpa as sdpa_module
+    from noflash_core import dispatch as sdpa_module
 
     monkeypatch.setattr(sdpa_module, "_fp32_note_logged", False)
     q = torch.empty(1, 2, 1024, 16, device="meta")
-    with caplog.at_level("INFO", logger="noflash_core.sdpa"):
+    with caplog.at_level("INFO", logger="noflash_core.dispatch"):
         for _ in range(3):
             assert nc.scaled_dot_product_attention(q, q, q, tier=2).shape == q.shape
         nc.scaled_dot_product_attention(q.half(), q.half(), q.half(), tier=2)
@@ -59,10 +59,10 @@ def test_fp32_note_logged_once_off_cpu(caplog, monkeypatch):
 
 
 def test_no_fp32_note_on_cpu(caplog, monkeypatch):
-    from noflash_core import sdpa as sdpa_module
+    from noflash_core import dispatch as sdpa_module
 
     monkeypatch.setattr(sdpa_module, "_fp32_note_logged", False)
     q = torch.randn(1, 2, 1024, 16)
-    with caplog.at_level("INFO", logger="noflash_core.sdpa"):
+    with caplog.at_level("INFO", logger="noflash_core.dispatch"):
         nc.scaled_dot_product_attention(q, q, q, tier=2)
     assert "2x faster" not in caplog.text

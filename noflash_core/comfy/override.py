@@ -8,7 +8,7 @@ ComfyUI's own (undecorated) implementation and ``kwargs`` already carries ``_ins
 :func:`make_attention_override` builds such an override. It never imports ComfyUI: the node glue in ``nodes/``
 stores the returned function in a ``ModelPatcher`` clone's ``transformer_options``. ``clone()`` deep-copies the
 options but keeps plain functions, so all state lives in the closure (config, chained override, recorder). The
-calls it computes go through noflash's one dispatch path (``sdpa._attention``), which returns the plan that ran;
+calls it computes go through noflash's one dispatch path (:func:`noflash_core.attention`), which returns the plan that ran;
 the recorder's record is made from that plan.
 
 Call forms (``b`` batch, ``h`` heads, ``d``/``dv`` head dims, ``n_q``/``n_k`` token counts):
@@ -50,6 +50,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ..dispatch import attention
 from ..telemetry import CallRecord
 from .memory import FreeMemory, comfy_budget_bytes
 
@@ -255,10 +256,9 @@ def _warn_unknown_form(call: _Call) -> None:
 def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, call: _Call, config: OverrideConfig,
               budget_bytes: Optional[int]):
     """The dispatcher on ``(b, h, n, d)`` tensors (k, v at their own head count): ``(output, plan that ran)``."""
-    from ..sdpa import _attention
-
-    return _attention(q, k, v, mask, scale=call.scale, enable_gqa=call.enable_gqa, tier=config.tier,
-                      block_m=config.block_m, block_n=config.block_n, budget_bytes=budget_bytes)
+    result = attention(q, k, v, mask, scale=call.scale, enable_gqa=call.enable_gqa, tier=config.tier,
+                       block_m=config.block_m, block_n=config.block_n, budget_bytes=budget_bytes)
+    return result.out, result.plan
 
 
 def _run_tiles(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: OverrideConfig,

@@ -124,16 +124,10 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 
-def _sdpa():
-    from ..sdpa import scaled_dot_product_attention
+def _dispatch():
+    from .. import dispatch
 
-    return scaled_dot_product_attention
-
-
-def _plan():
-    from ..planner import plan
-
-    return plan
+    return dispatch
 
 
 class VAEAttention:
@@ -144,8 +138,8 @@ class VAEAttention:
             computed here (below ``config.min_tokens``, or disabled).
         config: ``enabled``, ``min_tokens`` (on ``N``), ``budget_bytes``, ``tier``, ``block_m``, ``block_n``.
         stats: shared call counter (per node).
-        attention: the SDPA to run (default :func:`noflash_core.scaled_dot_product_attention`; tests pass a
-            float64 reference).
+        attention: a reference SDPA to run instead of noflash's (tests pass a float64 reference; its calls are
+            recorded as tier 0). Default: :func:`noflash_core.attention`, whose result names the plan that ran.
     """
 
     def __init__(self, previous: Callable[..., torch.Tensor], config: OverrideConfig,
@@ -167,7 +161,8 @@ class VAEAttention:
         n = q.shape[-2]
         if cfg.block_m is not None or n < 2 * _MIN_BLOCK:
             return cfg.block_m
-        chosen = _plan()(q, k, v, budget_bytes=cfg.budget_bytes, tier=cfg.tier, block_n=cfg.block_n)
+        # The dispatcher's cached plan: the call that follows with block_m=None runs it without planning again.
+        chosen = _dispatch().plan_attention(q, k, v, budget_bytes=cfg.budget_bytes, tier=cfg.tier, block_n=cfg.block_n)
         if chosen.tier != 0 and chosen.block_m < n:
             return None  # the planner's own plan already tiles the queries
         return max(_MIN_BLOCK, _pow2_floor(n // 2))
@@ -184,19 +179,14 @@ class VAEAttention:
             return out
         # (B, C, *spatial) -> (B, 1, N, C): one head over N tokens (views; the tiles read strided operands).
         qh, kh, vh = (t.reshape(b, 1, t.shape[1], n).transpose(-1, -2) for t in (q, k, v))
-        block_m = self._block_m(qh, kh, vh)
-        from .. import telemetry
-
-        seen = {}
-        unsubscribe = telemetry.subscribe(lambda rec: seen.update(tier=rec.tier, bm=rec.block_m, bn=rec.block_n))
-        try:
-            attention = self.attention or _sdpa()
-            out = attention(qh, kh, vh, tier=self.config.tier, block_m=block_m, block_n=self.config.block_n,
-                            budget_bytes=self.config.budget_bytes)
-        finally:
-            unsubscribe()
-        tier = int(seen.get("tier", 0 if self.config.tier == "auto" else self.config.tier))
-        self._record("noflash", tier, (int(seen.get("bm", block_m or 0)), int(seen.get("bn", 0))), q, n, "noflash")
+        if self.attention is not None:
+            out = self.attention(qh, kh, vh)
+            self._record("noflash", 0, (0, 0), q, n, "reference attention")
+        else:
+            block_m = self._block_m(qh, kh, vh)
+            out, _, plan = _dispatch().attention(qh, kh, vh, tier=self.config.tier, block_m=block_m,
+                                                 block_n=self.config.block_n, budget_bytes=self.config.budget_bytes)
+            self._record("noflash", plan.tier, (plan.block_m, plan.block_n), q, n, plan.reason)
         return out.to(q.dtype).transpose(-1, -2).reshape(b, v.shape[1], *shape[2:])
 
     def __repr__(self) -> str:

@@ -137,7 +137,7 @@ def _run_mode(fn, args, device, dtype, rank: int, p: int) -> Dict[str, float]:
     inputs = sum(t.numel() * t.element_size() for t in shard)
     res = {"seconds": statistics.median(times), "peak_bytes": mem["peak"], "input_bytes": inputs}
     if full is not None:
-        from ..sdpa import original_sdpa
+        from ..torch_sdpa import original_sdpa
 
         ref = original_sdpa(*(t.double() for t in full[:3]), is_causal=args.causal, enable_gqa=kw["enable_gqa"])
         res["max_abs_error"] = (out.detach().double().cpu() - ref[:, :, rows]).abs().max().item()

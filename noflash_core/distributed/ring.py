@@ -3,16 +3,18 @@
 Algorithm: Ring Attention with blockwise transformers (Liu, Zaharia & Abbeel 2023, arXiv:2310.01889), with the
 flash-attention style backward of ring-flash-attention. Rank ``r`` of ``P`` holds the contiguous shard of tokens
 ``[r*N/P, (r+1)*N/P)`` of q, k and v. In step ``t`` it attends its queries to the K/V block of rank ``(r - t) mod P``
-with noflash's tiles (:func:`noflash_core.attention_op.run_forward`, which also returns the row log-sum-exp), while
+with noflash's tiles (:func:`noflash_core.dispatch.forward_tiles`, which also returns the row log-sum-exp), while
 the block for step ``t + 1`` is already on the wire. Partial results merge exactly through the log-sum-exp::
 
     lse = logaddexp(lse_a, lse_b),  out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
 
 (the online-softmax rescaling of Milakov & Gimelshein 2018 / FlashAttention, Dao et al. 2022).
 
-Backward recomputes each step's tiles from the saved q, the merged output and lse (``backward.py``); the dK/dV
-contributions to a block travel with it around the ring and arrive back at its owner. No rank ever holds more than
-two K/V blocks (the one in use and the next), so per-rank memory is O(N/P).
+Backward recomputes each step's tiles from the saved q, the merged output and lse
+(:func:`noflash_core.dispatch.attention_backward`); the dK/dV contributions to a block travel with it around the
+ring and arrive back at its owner. No rank ever holds more than two K/V blocks (the one in use and the next), so
+per-rank memory is O(N/P). Step tiles that run out of memory are retried with smaller ones (unless both blocks
+were pinned).
 
 Causal: with contiguous shards rank ``r`` only needs the blocks of ranks ``<= r``: step 0 (its own block) runs
 with the causal diagonal, steps ``t <= r`` attend fully, and the fully masked steps are neither computed nor sent.
@@ -28,9 +30,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..attention_op import run_forward
-from ..backward import attention_backward
-from ..lse import emit_record, plan_lse_problem
+from ..dispatch import attention_backward, forward_tiles, plan_attention, report_plan
+from ..planner import Plan
 from ..problem import AttentionProblem, build_problem
 from ..tiles import TileMath
 from ._checks import CallInfo, GroupInfo, check_call, group_info
@@ -145,8 +146,7 @@ class _RingAttention(torch.autograd.Function):
     ``(B, H, G, Ls, Ev)`` and its rows' global log-sum-exp ``(B, H, G, Ls)``, both differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gi: GroupInfo, causal: bool, scale: float, tier: int, block_m: int, block_n: int,
-                block_h: int = 0):
+    def forward(ctx, q, k, v, gi: GroupInfo, causal: bool, scale: float, plan: Plan, pinned: bool):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         sched = _Schedule(gi.rank, gi.size, causal)
         out = lse = None
@@ -155,7 +155,7 @@ class _RingAttention(torch.autograd.Function):
             msgs, incoming = _pass_kv(gi, sched, t, k_cur, v_cur)
             if sched.computes(t):  # overlapped with the transfer of the next block
                 problem = _step_problem(q, k_cur, v_cur, causal and t == 0, scale)
-                block_out, block_lse = run_forward(problem, tier, block_m, block_n, None, True, block_h)
+                block_out, block_lse, _ = forward_tiles(problem, plan, pinned=pinned)
                 out, lse = merge_partials(out, lse, block_out, block_lse)
                 del block_out, block_lse
             msgs.wait()
@@ -163,14 +163,14 @@ class _RingAttention(torch.autograd.Function):
                 k_cur, v_cur = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (gi, causal, scale, block_m, block_n, block_h)
+        ctx.params = (gi, causal, scale, plan, pinned)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        gi, causal, scale, block_m, block_n, block_h = ctx.params
+        gi, causal, scale, plan, pinned = ctx.params
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
         acc = TileMath.for_inputs(q, k, v).acc_dtype
         sched = _Schedule(gi.rank, gi.size, causal)
@@ -183,9 +183,8 @@ class _RingAttention(torch.autograd.Function):
             dk_acc = dv_acc = None
             if sched.computes(t):  # overlapped with the K/V transfer and the previous dK/dV transfer
                 problem = _step_problem(q, k_cur, v_cur, causal and t == 0, scale)
-                dq_t, dk_t, dv_t, _ = attention_backward(
-                    problem, out, lse, grad_out, block_m, block_n, None, False, grad_lse, block_h
-                )
+                dq_t, dk_t, dv_t, _ = attention_backward(problem, out, lse, grad_out, plan, grad_lse=grad_lse,
+                                                         pinned=pinned)
                 dq.add_(dq_t)
                 dk_acc, dv_acc = dk_t.to(acc), dv_t.to(acc)
                 del dq_t, dk_t, dv_t
@@ -217,7 +216,7 @@ class _RingAttention(torch.autograd.Function):
         if pending is not None:
             pending.wait()
         dk, dv = final
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _ring_rule(info: CallInfo, size: int) -> Optional[str]:
@@ -275,11 +274,14 @@ def ring_attention(
     gi = group_info("ring_attention", group)
     info = check_call("ring_attention", gi, query, key, value, is_causal, enable_gqa, scale, _ring_rule)
     problem = build_problem(query, key, value, None, bool(is_causal), scale, enable_gqa)
-    plan = plan_lse_problem(problem, info.needs_grad, budget_bytes, block_m, block_n)
-    emit_record(plan, query, key, f"ring_attention step tiles (rank {gi.rank} of {gi.size})")
+    # Both blocks pinned: exactly those tiles (tier 2, the tier with a key block), never changed on out-of-memory.
+    pinned = block_m is not None and block_n is not None
+    plan = plan_attention(query, key, value, None, 0.0, bool(is_causal), scale, enable_gqa,
+                          tier=2 if pinned else "auto", block_m=block_m, block_n=block_n, budget_bytes=budget_bytes,
+                          return_lse=True, requires_grad=info.needs_grad)
+    report_plan(plan, query, key, reason=f"ring_attention step tiles (rank {gi.rank} of {gi.size}): {plan.reason}")
     out, lse = _RingAttention.apply(
-        problem.query, problem.key, problem.value, gi, bool(is_causal), problem.scale, plan.tier, plan.block_m,
-        plan.block_n, plan.block_h,
+        problem.query, problem.key, problem.value, gi, bool(is_causal), problem.scale, plan, pinned,
     )
     out = out.reshape(problem.out_shape)
     return (out, lse.reshape(problem.out_shape[:-1])) if return_lse else out

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..sdpa import scaled_dot_product_attention
+from ..dispatch import attention
 from ._checks import CallInfo, GroupInfo, check_call, group_info
 
 __all__ = ["ulysses_attention"]
@@ -104,13 +104,13 @@ def ulysses_attention(
     gi = group_info("ulysses_attention", group)
     check_call("ulysses_attention", gi, query, key, value, is_causal, enable_gqa, scale, _ulysses_rule)
     if gi.size == 1:
-        return scaled_dot_product_attention(
+        return attention(
             query, key, value, is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa, budget_bytes=budget_bytes,
             block_m=block_m, block_n=block_n,
-        )
+        ).out
     q, k, v = (_AllToAll.apply(t, gi, -3, -2) for t in (query, key, value))
-    out = scaled_dot_product_attention(
+    out = attention(
         q, k, v, is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa, budget_bytes=budget_bytes,
         block_m=block_m, block_n=block_n,
-    )
+    ).out
     return _AllToAll.apply(out, gi, -2, -3)

@@ -9,8 +9,9 @@ zeros as the log-sum-exp (so ring merges are wrong), and its torch ring has no b
 their package is not installed) use noflash:
 
 * the stage functions: ``"fwd-only"`` returns noflash's exact output and its real log-sum-exp
-  (:func:`noflash_core.attention_with_lse`), ``"bwd-only"`` runs noflash's tiled backward from a given output and
-  lse (flash-attn's contract, filling the ``block_d*`` buffers), ``"fwd-bwd"`` is noflash's differentiable SDPA;
+  (:func:`noflash_core.attention` with ``return_lse=True``), ``"bwd-only"`` runs noflash's tiled backward
+  (:func:`noflash_core.dispatch.attention_backward`) from a given output and lse (flash-attn's contract, filling
+  the ``block_d*`` buffers), ``"fwd-bwd"`` is noflash's differentiable SDPA;
   rings that call them step by step (xDiT's ``xdit_ring_flash_attn_func``, yunchang's ``ring_flash_attn_func``)
   then merge correct partials;
 * ``LongContextAttention`` (Ulysses x Ring) runs its ring part with :func:`noflash_core.distributed.ring_attention`
@@ -37,10 +38,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..dispatch import attention, attention_backward, plan_attention
 from ..distributed.ring import ring_attention
-from ..lse import attention_with_lse
 from ..problem import build_problem
-from ..sdpa import scaled_dot_product_attention
 
 __all__ = ["SUPPORTED_VERSION", "disable", "enable", "is_enabled", "taken_over"]
 
@@ -101,8 +101,9 @@ def local_forward(
     _check_unsupported(dropout_p, window_size, softcap, alibi_slopes)
     _check_causal_lengths(causal, q, k)
     qh, kh, vh = _heads_first(q, k, v)
-    out, lse = attention_with_lse(
-        qh, kh, vh, is_causal=bool(causal), scale=softmax_scale, enable_gqa=qh.shape[1] != kh.shape[1]
+    out, lse, _ = attention(
+        qh, kh, vh, is_causal=bool(causal), scale=softmax_scale, enable_gqa=qh.shape[1] != kh.shape[1],
+        return_lse=True,
     )
     return out.transpose(1, 2).contiguous(), lse
 
@@ -116,21 +117,17 @@ def local_backward(
     """yunchang's ``"bwd-only"`` stage, flash-attn's contract: the gradients of one block of keys given the final
     ``out`` and ``softmax_lse`` ``(b, hq, s)``; written into the ``block_d*`` buffers when given, and returned."""
     _check_unsupported(dropout_p, window_size, softcap, alibi_slopes)
-    from ..backward import attention_backward
-    from ..lse import plan_lse_problem
-
     is_causal = bool(bwd_causal if bwd_causal is not None else causal)
     _check_causal_lengths(is_causal, q, k)
     qh, kh, vh, oh, dh = _heads_first(q, k, v, out, dout)
-    problem = build_problem(qh, kh, vh, None, is_causal, softmax_scale, qh.shape[1] != kh.shape[1])
+    gqa = qh.shape[1] != kh.shape[1]
+    problem = build_problem(qh, kh, vh, None, is_causal, softmax_scale, gqa)
     b, h, g, length, _, _, ev = problem.dims
-    plan = plan_lse_problem(problem, True)
+    plan = plan_attention(qh, kh, vh, None, 0.0, is_causal, softmax_scale, gqa, return_lse=True, requires_grad=True)
     out5 = oh.reshape(b, h, g, length, ev)
     lse5 = softmax_lse.reshape(b, h, g, length)
     dout5 = dh.reshape(b, h, g, length, ev).contiguous()
-    dq, dk, dv, _ = attention_backward(
-        problem, out5, lse5, dout5, plan.block_m, plan.block_n, block_h=plan.block_h
-    )
+    dq, dk, dv, _ = attention_backward(problem, out5, lse5, dout5, plan)
     grads = (
         dq.reshape(qh.shape).transpose(1, 2), dk.reshape(kh.shape).transpose(1, 2),
         dv.reshape(vh.shape).transpose(1, 2),
@@ -150,11 +147,9 @@ def local_attention(
     _check_causal_lengths(causal, q, k)
     qh, kh, vh = _heads_first(q, k, v)
     gqa = qh.shape[1] != kh.shape[1]
-    if return_attn_probs:
-        out, lse = attention_with_lse(qh, kh, vh, is_causal=bool(causal), scale=softmax_scale, enable_gqa=gqa)
-        return out.transpose(1, 2), lse, None
-    out = scaled_dot_product_attention(qh, kh, vh, is_causal=bool(causal), scale=softmax_scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
+    out, lse, _ = attention(qh, kh, vh, is_causal=bool(causal), scale=softmax_scale, enable_gqa=gqa,
+                            return_lse=bool(return_attn_probs))
+    return (out.transpose(1, 2), lse, None) if return_attn_probs else out.transpose(1, 2)
 
 
 def ring_function(ring_impl: str = "basic") -> Callable:
