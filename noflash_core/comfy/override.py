@@ -8,8 +8,8 @@ ComfyUI's own (undecorated) implementation and ``kwargs`` already carries ``_ins
 :func:`make_attention_override` builds such an override. It never imports ComfyUI: the node glue in ``nodes/``
 stores the returned function in a ``ModelPatcher`` clone's ``transformer_options``. ``clone()`` deep-copies the
 options but keeps plain functions, so all state lives in the closure (config, chained override, recorder). The
-calls it computes go through noflash's one dispatch path (:func:`noflash_core.attention`), which returns the plan that ran;
-the recorder's record is made from that plan.
+calls it computes go through noflash's one dispatch path (:func:`noflash_core.attention`), which returns the plan
+that ran; the recorder's record is made from that plan.
 
 Call forms (``b`` batch, ``h`` heads, ``d``/``dv`` head dims, ``n_q``/``n_k`` token counts):
     - q ``(b, n_q, h*d)``, k ``(b, n_k, h*d)``, v ``(b, n_k, h*dv)``; or ``(b, h, n, d)`` when ``skip_reshape``.
