@@ -106,7 +106,8 @@ def report_plan(plan: Plan, query, key, path: str = "noflash", reason: Optional[
     """Tell the telemetry listeners that ``plan`` ran on ``query``/``key`` (free when nobody listens)."""
     if telemetry.has_listeners() and not is_compiling():
         telemetry.emit(telemetry.CallRecord.of_call(path, plan.tier, (plan.block_m, plan.block_n), query, key,
-                                                    plan.reason if reason is None else reason))
+                                                    plan.reason if reason is None else reason,
+                                                    getattr(plan, "source", "")))
 
 
 def _length(t, dim: int) -> int:

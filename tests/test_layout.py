@@ -76,7 +76,7 @@ _TILES = {"noflash_core.tier1", "noflash_core.tier2", "noflash_core.tier3", "nof
           "noflash_core.attention_op"}
 # Issue 19: helper h4a's branch removes the video estimator <-> report circle (one byte formatter in units.py);
 # once it is merged this list must be empty (the test below fails until it is).
-_KNOWN_CYCLES = [{"noflash_core.video.estimator", "noflash_core.video.report"}]
+_KNOWN_CYCLES = []
 
 
 def _module_name(path: Path) -> str:

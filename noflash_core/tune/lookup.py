@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import caches
 from ..device import device_profile
 from ..problem import AttentionProblem
 from .signature import profile_key, signature_of
@@ -41,8 +42,9 @@ class _Memory:
 _memory = _Memory()
 
 
+@caches.register
 def clear_memory_cache() -> None:
-    """Forget the in-memory copy; the next lookup reads the file again."""
+    """Forget the in-memory copy; the next lookup reads the file again (also done by ``noflash_core.clear_caches``)."""
     global _memory
     with _lock:
         _memory = _Memory()

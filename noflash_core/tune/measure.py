@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..attention_op import attention_forward_op, run_forward
+from ..dispatch import attention_backward, forward_tiles
 from ..planner import Plan
 from ..problem import AttentionProblem
 
@@ -38,24 +38,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def plan_runner(problem: AttentionProblem, plan: Plan) -> Runner:
-    """A callable that runs ``plan`` pinned on ``problem`` (forward, or forward and backward when
-    ``plan.requires_grad``), discarding the result."""
-    tier, bm, bn, bh = plan.tier, plan.block_m, plan.block_n, plan.block_h
+    """A callable that runs ``plan`` pinned on ``problem`` through the dispatcher's tile entry points (forward, or
+    forward and the tiled backward when ``plan.requires_grad``), discarding the result."""
     if not plan.requires_grad:
         def forward() -> None:
             with torch.no_grad():
-                run_forward(problem, tier, bm, bn, None, False, bh)
+                forward_tiles(problem, plan, need_lse=False, pinned=True)
         return forward
-    q, k, v = (t.detach().requires_grad_(True) for t in (problem.query, problem.key, problem.value))
+    q, v = problem.query, problem.value
     grad_out = torch.ones(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
 
     def forward_backward() -> None:
-        for t in (q, k, v):
-            t.grad = None
-        with torch.enable_grad():
-            out, _ = attention_forward_op(q, k, v, problem.mask, problem.is_causal, problem.scale, 0.0, 0, tier,
-                                          bm, bn, True, bh)
-            out.backward(grad_out)
+        with torch.no_grad():
+            out, lse, _ = forward_tiles(problem, plan, need_lse=True, pinned=True)
+            attention_backward(problem, out, lse, grad_out, plan, pinned=True)
     return forward_backward
 
 
