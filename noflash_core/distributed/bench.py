@@ -22,6 +22,7 @@ import logging
 import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -176,7 +177,15 @@ def _rank_main(rank: Optional[int], p: Optional[int], args, init_file: Optional[
             format_bytes(res["peak_bytes"]), format_bytes(res["input_bytes"]),
             format_bytes(sent), extra,
         )
+    dist.barrier()  # no rank tears the group down while another still has messages in flight
     dist.destroy_process_group()
+    if init_file is not None:
+        # A spawned rank: gloo's threads can abort the interpreter's teardown ("terminate called without an active
+        # exception") after the work is done; everything is reported, so leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
