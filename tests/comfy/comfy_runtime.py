@@ -136,14 +136,19 @@ def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> Di
 def tiny_flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
     """A Flux.1-dev state dict that ComfyUI detects. Detection fixes hidden 3072 / 24 heads / context 4096, so
     it is as small as that allows: one double block, no single blocks (about 0.8 GB in fp16)."""
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
+    import dataclasses
 
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    extra = {}
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        extra["txt_ids_dims"] = []  # newer ComfyUI (0.33): what its detection gives Flux.1
     with torch.device("meta"):
         model = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
                      mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
                      theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                     operations=comfy.ops.disable_weight_init)
+                     operations=comfy.ops.disable_weight_init, **extra)
     return _random_state_dict(model, seed, dtype)
 
 

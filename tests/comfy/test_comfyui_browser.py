@@ -28,8 +28,8 @@ import urllib.request
 
 import pytest
 from comfy_runtime import (
-    REPO_ROOT,
     IMPORT_STUBS,
+    REPO_ROOT,
     comfyui_path,
     make_custom_nodes_dir,
     save_state_dict,
