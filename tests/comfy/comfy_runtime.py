@@ -8,7 +8,9 @@ checkout whose requirements are installed (see README.md, "Testing against a rea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Dict, Optional, Tuple
@@ -20,6 +22,8 @@ __all__ = [
     "IMPORT_STUBS",
     "comfyui_path",
     "setup_comfyui",
+    "ComfyFeatures",
+    "detect_features",
     "load_core_nodes",
     "load_pack",
     "make_custom_nodes_dir",
@@ -66,6 +70,52 @@ def setup_comfyui() -> str:
     if not os.path.abspath(nodes.__file__).startswith(path):
         raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class ComfyFeatures:
+    """What the running ComfyUI has, found by looking at its code (never by comparing version strings).
+
+    Attributes:
+        version: ``comfyui_version.__version__``, for messages only.
+        attention_kwargs: its attention functions read ``scale=`` / ``enable_gqa=`` from their keywords (0.33).
+        attention_container: ``comfy.ldm.modules.attention.AttentionTensorContainer`` exists (q/k/v may come wrapped;
+            ``wrap_attn`` unwraps them unless the override has a ``container_function``).
+        set_model_optimized_attention: ``ModelPatcher.set_model_optimized_attention`` exists (core node
+            ``ModelAttentionBackend`` writes the override through it).
+        patcher_free_memory: ``ModelPatcher.get_free_memory`` exists (free memory under comfy-aimdo's dynamic VRAM).
+        flux_txt_ids_dims: ``FluxParams`` has the ``txt_ids_dims`` field.
+        wan_vae_cache_layers: the Wan VAE decodes two latent frames per step with a layer cache
+            (``comfy.ldm.wan.vae.count_cache_layers``); it needs less working memory than 0.3.64's.
+    """
+
+    version: str
+    attention_kwargs: bool
+    attention_container: bool
+    set_model_optimized_attention: bool
+    patcher_free_memory: bool
+    flux_txt_ids_dims: bool
+    wan_vae_cache_layers: bool
+
+
+def detect_features() -> ComfyFeatures:
+    """The features of the ComfyUI that :func:`setup_comfyui` made importable."""
+    import comfy.ldm.flux.model as flux
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.wan.vae as wan_vae
+    import comfy.model_patcher as model_patcher
+    import comfyui_version
+
+    patcher = model_patcher.ModelPatcher
+    return ComfyFeatures(
+        version=str(getattr(comfyui_version, "__version__", "unknown")),
+        attention_kwargs="enable_gqa" in inspect.getsource(attention.attention_pytorch),
+        attention_container=hasattr(attention, "AttentionTensorContainer"),
+        set_model_optimized_attention=hasattr(patcher, "set_model_optimized_attention"),
+        patcher_free_memory=hasattr(patcher, "get_free_memory"),
+        flux_txt_ids_dims="txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)},
+        wan_vae_cache_layers=hasattr(wan_vae, "count_cache_layers"),
+    )
 
 
 def load_core_nodes() -> None:
@@ -136,8 +186,6 @@ def tiny_wan_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> Di
 def tiny_flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
     """A Flux.1-dev state dict that ComfyUI detects. Detection fixes hidden 3072 / 24 heads / context 4096, so
     it is as small as that allows: one double block, no single blocks (about 0.8 GB in fp16)."""
-    import dataclasses
-
     import comfy.ops
     from comfy.ldm.flux.model import Flux, FluxParams
 
