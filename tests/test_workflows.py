@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -188,6 +189,7 @@ def _runtime():
     spec = importlib.util.spec_from_file_location("noflash_comfy_runtime",
                                                   os.path.join(ROOT, "tests", "comfy", "comfy_runtime.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered before it runs, as an import would (its dataclasses need it)
     spec.loader.exec_module(module)
     return module
 
