@@ -8,7 +8,11 @@ loader node declares its model files in the frontend's standard ``properties.mod
 the frontend checks them against the model folders and offers the missing-models dialog with download links.
 
 Each thumbnail is the VRAM Probe's picture for that workflow on the gfx1030 (RX 6800, 16 GiB) profile, drawn from
-:func:`noflash_core.video.estimator.estimate_run`, the numbers the node shows.
+:func:`noflash_core.vram.estimate_run`, the numbers the node shows, with its verdict line. Every template
+follows that verdict (``tests/test_templates_follow_probe.py``): the Wan template decodes with VAE Decode (Tiled).
+Each template's probe has its family set and nothing connected, so it answers before the models are downloaded; a
+note says so. Nodes are placed so that none overlaps another, also once the probe draws its bars (checked in the
+browser by ``tests/comfy/test_comfyui_browser_ui.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import itertools
 import json
 import os
 import sys
+import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,13 +116,27 @@ M, C, V, L, CO, IM = "MODEL", "CLIP", "VAE", "LATENT", "CONDITIONING", "IMAGE"
 PATCHER = [True, 1024, 0]  # enabled, min_tokens, budget_mb (0 = automatic)
 
 
-def _probe_and_note(wf: Workflow, nid: int, pos: Tuple[int, int], run: Tuple[int, int, int],
+PROBE_NOTE = (
+    "**Will it fit? Ask before downloading.** The VRAM Probe is not wired to the loaders: it answers from its "
+    "*family* setting alone, so it runs even while the loaders still miss their files (Run shows their errors "
+    "and the probe's picture). Pick your card in *device*. Once the models are there, connect the probe's *model* "
+    "and *clip* inputs to estimate for the files you loaded (their dtype and text encoders).")
+"""The note next to each template's probe (issue: planning before downloading)."""
+
+PROBE_SIZE = (480, 440)
+"""The probe's size in the file; the frontend sizes it to its widgets (wider with the report, taller with bars)."""
+
+
+def _probe_and_note(wf: Workflow, nid: int, pos: Tuple[int, int], run: Tuple[int, int, int], family: str,
                     note_box: Tuple[int, int], note: str) -> None:
-    """The VRAM Probe (node ``nid``) for a ``(width, height, frames)`` run and the Markdown note (``nid + 1``) in
-    the left column at ``note_box = (y, height)``."""
-    wf.node(nid, "NoFlashVRAMProbe", pos, (460, 420), [*run, 1, "from model", "this machine", 0, "auto", 256],
+    """The VRAM Probe (node ``nid``) for a ``(width, height, frames)`` run of ``family``, answering from the family
+    alone (nothing connected); the template's Markdown note (``nid + 1``) in the left column at ``note_box = (y,
+    height)`` and the probe note (``nid + 2``) under it."""
+    wf.node(nid, "NoFlashVRAMProbe", pos, PROBE_SIZE, [*run, 1, family, "this machine", 0, "auto", 256],
             [("model", M), ("clip", C)], [("report", "STRING")])
     wf.node(nid + 1, "MarkdownNote", (0, note_box[0]), (330, note_box[1]), [note])
+    wf.node(nid + 2, "MarkdownNote", (0, note_box[0] + note_box[1] + 50), (330, 190), [PROBE_NOTE],
+            title="Before downloading")
 
 
 def _base(unet: str, text_encoders: Sequence[str], clip_type: str, vae: str) -> Workflow:
@@ -133,11 +152,19 @@ def _base(unet: str, text_encoders: Sequence[str], clip_type: str, vae: str) -> 
     return wf
 
 
-def _sample_decode(wf: Workflow, nid: int, x: int, sampler: list) -> None:
-    """``KSampler`` (node ``nid``) at column ``x`` and the ``VAEDecode`` (``nid + 1``) right of it."""
+TILED_DECODE = [512, 64, 64, 8]  # tile_size, overlap, temporal_size, temporal_overlap (ComfyUI's defaults)
+
+
+def _sample_decode(wf: Workflow, nid: int, x: int, sampler: list, tiled: bool = False) -> None:
+    """``KSampler`` (node ``nid``) at column ``x`` and the ``VAEDecode`` (``nid + 1``; ``VAEDecodeTiled`` when
+    ``tiled``) right of it."""
     wf.node(nid, "KSampler", (x, 0), (300, 262), sampler,
             [("model", M), ("positive", CO), ("negative", CO), ("latent_image", L)], [("LATENT", L)])
-    wf.node(nid + 1, "VAEDecode", (x + 350, 0), (210, 46), None, [("samples", L), ("vae", V)], [("IMAGE", IM)])
+    if tiled:
+        wf.node(nid + 1, "VAEDecodeTiled", (x + 350, 0), (300, 150), TILED_DECODE, [("samples", L), ("vae", V)],
+                [("IMAGE", IM)])
+    else:
+        wf.node(nid + 1, "VAEDecode", (x + 350, 0), (210, 46), None, [("samples", L), ("vae", V)], [("IMAGE", IM)])
 
 
 def flux() -> dict:
@@ -151,7 +178,7 @@ def flux() -> dict:
     wf.node(9, "EmptySD3LatentImage", (730, 390), (260, 106), [1536, 1536, 1], outputs=[("LATENT", L)])
     _sample_decode(wf, 10, 1180, [42, "fixed", 20, 1, "euler", "simple", 1])
     wf.node(12, "SaveImage", (1530, 100), (400, 420), ["noflash_flux_1536"], [("images", IM)])
-    _probe_and_note(wf, 13, (380, 560), (1536, 1536, 1), (420, 300), (
+    _probe_and_note(wf, 13, (380, 580), (1536, 1536, 1), "flux", (420, 300), (
         "**Flux.1 dev at 1536x1536 with NoFlash**\n\n"
         "- **Attention Patcher**: 9,216 image + 256 text tokens per attention call run in exact tiles.\n"
         "- **VAE Patcher**: the VAE's mid-block attention has 36,864 tokens at this size; ComfyUI's split "
@@ -159,7 +186,7 @@ def flux() -> dict:
         "- **VRAM Probe**: pick your card in *device* and queue; the bars show each part against its VRAM.\n\n"
         "Missing models? The loaders list their download links (ComfyUI offers them when the workflow opens)."))
     wf.wire("1>4.model 3>5.vae 2>6.clip 6>7.conditioning 6>8.conditioning 4>10.model 7>10.positive "
-            "8>10.negative 9>10.latent_image 10>11.samples 5>11.vae 11>12.images 4>13.model 2>13.clip")
+            "8>10.negative 9>10.latent_image 10>11.samples 5>11.vae 11>12.images")
     return wf.to_json()
 
 
@@ -173,20 +200,21 @@ def wan() -> dict:
         [("clip", C)], [("CONDITIONING", CO)])
     wf.node(8, "CLIPTextEncode", (730, 210), (420, 160),
             ["blurry, low quality, static, watermark, text, distorted"], [("clip", C)], [("CONDITIONING", CO)])
-    wf.node(9, "Wan22ImageToVideoLatent", (730, 420), (300, 150), [1280, 704, 121, 1],
+    wf.node(9, "Wan22ImageToVideoLatent", (1200, 330), (300, 150), [1280, 704, 121, 1],
             [("vae", V), ("start_image", IM)], [("LATENT", L)])
-    _sample_decode(wf, 10, 1200, [42, "fixed", 20, 5, "uni_pc", "simple", 1])
-    wf.node(12, "CreateVideo", (1550, 100), (270, 78), [24], [("images", IM), ("audio", "AUDIO")], [("VIDEO", "VIDEO")])
-    wf.node(13, "SaveVideo", (1550, 230), (320, 300), ["video/noflash_wan22_5b", "auto", "auto"], [("video", "VIDEO")])
-    _probe_and_note(wf, 14, (380, 420), (1280, 704, 121), (400, 300), (
+    _sample_decode(wf, 10, 1200, [42, "fixed", 20, 5, "uni_pc", "simple", 1], tiled=True)
+    wf.node(12, "CreateVideo", (1550, 230), (270, 78), [24], [("images", IM), ("audio", "AUDIO")], [("VIDEO", "VIDEO")])
+    wf.node(13, "SaveVideo", (1550, 370), (320, 300), ["video/noflash_wan22_5b", "auto", "auto"], [("video", "VIDEO")])
+    _probe_and_note(wf, 14, (380, 440), (1280, 704, 121), "wan2.2-5b", (400, 300), (
         "**Wan 2.2 TI2V 5B, 1280x704, 121 frames, with NoFlash**\n\n"
         "27,280 tokens per attention call. ComfyUI's sub-quadratic attention sizes its chunks to free memory; torch's "
         "math SDPA (where ComfyUI uses PyTorch attention without a fused kernel) would need 66.7 GiB for one call. "
         "**Attention Patcher** runs the calls in exact tiles, **FFN Chunker** splits the 14,336-wide feed-forward.\n\n"
         "The **VRAM Probe** shows denoise, text encoder and VAE decode against your card. Decoding 121 frames at "
-        "once takes more than 16 GiB: if the probe says so, use VAE Decode (Tiled)."))
-    wf.wire("1>4.model 4>5.model 5>6.model 5>14.model 2>7.clip 2>8.clip 3>9.vae 6>10.model "
-            "7>10.positive 8>10.negative 9>10.latent_image 10>11.samples 3>11.vae 11>12.images 12>13.video 2>14.clip")
+        "once takes 17.2 GiB on a 16 GiB card, with or without the VAE Patcher (the probe shows both), so this "
+        "workflow decodes with **VAE Decode (Tiled)**, as the probe's verdict says."))
+    wf.wire("1>4.model 4>5.model 5>6.model 2>7.clip 2>8.clip 3>9.vae 6>10.model "
+            "7>10.positive 8>10.negative 9>10.latent_image 10>11.samples 3>11.vae 11>12.images 12>13.video")
     return wf.to_json()
 
 
@@ -204,16 +232,16 @@ def qwen() -> dict:
     wf.node(10, "EmptySD3LatentImage", (730, 400), (300, 106), [1328, 1328, 1], outputs=[("LATENT", L)])
     _sample_decode(wf, 11, 1200, [42, "fixed", 20, 2.5, "euler", "simple", 1])
     wf.node(13, "SaveImage", (1550, 100), (400, 420), ["noflash_qwen_image"], [("images", IM)])
-    _probe_and_note(wf, 14, (730, 560), (1328, 1328, 1), (400, 320), (
+    _probe_and_note(wf, 14, (730, 580), (1328, 1328, 1), "qwen-image", (400, 320), (
         "**Qwen-Image at 1328x1328 with NoFlash**\n\n"
         "- **CLIP Patcher**: the Qwen2.5-VL 7B text encoder runs ComfyUI's attention_basic on GPUs without PyTorch "
         "attention (RDNA1/2, gfx906, MPS): full fp32 scores for all 28 heads per layer. Long prompts (min_tokens "
         "1024 and up) go through noflash's tiles instead; set min_tokens 0 to route every call.\n"
         "- **VAE Patcher**: 27,556 tokens at the VAE's mid-block; split attention holds 5.7 GiB of scores.\n"
         "- **Attention Patcher**: 6,889 image + prompt tokens per call.\n\n"
-        "The **VRAM Probe** reads the connected model and CLIP: pick your card in *device* and queue."))
+        "The **VRAM Probe**: pick your card in *device* and queue."))
     wf.wire("1>4.model 4>5.model 2>6.clip 3>7.vae 6>8.clip 6>9.clip 5>11.model "
-            "8>11.positive 9>11.negative 10>11.latent_image 11>12.samples 7>12.vae 12>13.images 4>14.model 6>14.clip")
+            "8>11.positive 9>11.negative 10>11.latent_image 11>12.samples 7>12.vae 12>13.images")
     return wf.to_json()
 
 
@@ -253,20 +281,28 @@ def thumbnail(title: str, chart: Dict, path: str, size: Tuple[int, int] = (480, 
     vram = chart["vram_bytes"]
     scale = max(vram * 1.12, min(max(c["bytes"] for c in rows) * 1.05, vram * 1.6))
     x0, x1, y = 170, w - 70, 70
+    vx = x0 + int(vram / scale * (x1 - x0))
     label_font, value_font = _font(12), _font(11)
     for c in rows:
         label = f"{c['phase']} · {'ComfyUI' if c['path'] == 'comfy' else 'noflash'}"
         d.text((16, y + 2), label, fill="#dddddd", font=label_font)
         frac = min(1.0, c["bytes"] / scale)
-        d.rectangle([x0, y + 2, x0 + max(2, int(frac * (x1 - x0))), y + 18], fill=colors[c["path"]])
-        gib = c["bytes"] / 2**30
-        d.text((x0 + int(frac * (x1 - x0)) + 5, y + 3), ("» " if c["bytes"] > scale else "") + f"{gib:.1f} GiB",
-               fill="#e5484d" if c["bytes"] > vram else "#dddddd", font=value_font)
+        end = x0 + max(2, int(frac * (x1 - x0)))
+        d.rectangle([x0, y + 2, end, y + 18], fill=colors[c["path"]])
+        value = ("» " if c["bytes"] > scale else "") + f"{c['bytes'] / 2**30:.1f} GiB"
+        vx0 = end + 5
+        if vx0 - 3 <= vx <= vx0 + d.textlength(value, font=value_font) + 3:
+            vx0 = vx + 5  # past the VRAM line, never across it
+        d.text((vx0, y + 3), value, fill="#e5484d" if c["bytes"] > vram else "#dddddd", font=value_font)
         y += 40 if c["path"] == "noflash" else 24
-    vx = x0 + int(vram / scale * (x1 - x0))
     for yy in range(64, y - 10, 8):
         d.line([vx, yy, vx, yy + 4], fill="#e5e5e5", width=1)
     d.text((vx - 30, y - 8), "VRAM 16 GiB", fill="#e5e5e5", font=value_font)
+    verdict_colors = {"fits": "#3fb950", "noflash": "#f0b429", "no": "#ff6b6b"}
+    lines = textwrap.wrap(chart.get("verdict_text") or "", 62)[:2]
+    for i, line in enumerate(lines):  # the verdict, which names the fix
+        d.text((16, y + 14 + 16 * i), line, fill=verdict_colors.get(chart.get("verdict"), "#dddddd"),
+               font=_font(12, True))
     d.rectangle([16, h - 28, 26, h - 18], fill=colors["comfy"])
     d.text((32, h - 30), "ComfyUI's attention", fill="#9aa0a6", font=value_font)
     d.rectangle([170, h - 28, 180, h - 18], fill=colors["noflash"])
@@ -276,7 +312,7 @@ def thumbnail(title: str, chart: Dict, path: str, size: Tuple[int, int] = (480, 
 
 def main() -> int:
     sys.path.insert(0, ROOT)
-    from noflash_core.video.estimator import estimate_run
+    from noflash_core.vram import estimate_run
 
     os.makedirs(OUT, exist_ok=True)
     for name, (build, (family, width, height, frames), formats) in WORKFLOWS.items():

@@ -32,7 +32,9 @@ def model_patch_schema(
     input (the attention nodes tag their runs' status with it, for the badge)."""
     return node_schema(
         cls, display_name, [io.Model.Input("model", tooltip=model_tooltip), *inputs],
-        [io.Model.Output(display_name="model")], hidden=[io.Hidden.unique_id] if with_node_id else None,
+        [io.Model.Output(display_name="model", tooltip="A patched clone of the model; connect it where the model "
+                         "went (the input model is unchanged).")],
+        hidden=[io.Hidden.unique_id] if with_node_id else None,
     )
 
 

@@ -28,11 +28,12 @@ class NoFlashAttentionPatcher(io.ComfyNode):
             io.Int.Input(
                 "min_tokens", default=1024, min=0, max=1 << 24, step=64,
                 tooltip="Calls whose longer side (query or key tokens) is below this use ComfyUI's own "
-                "attention; small calls fit anyway and the fused paths are faster there."),
+                "attention; small calls fit anyway and the fused paths are faster there. The default suits "
+                "image and video models: leave it."),
             io.Int.Input(
                 "budget_mb", default=0, min=0, max=1 << 20, step=64,
                 tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
-                "(NOFLASH_BUDGET_MB, else a fraction of free VRAM)."),
+                "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
         )
 
     @classmethod
@@ -54,13 +55,13 @@ class NoFlashTierSelector(io.ComfyNode):
             io.Combo.Input(
                 "tier", options=["auto", "1", "2", "3"], default="auto",
                 tooltip="auto: the fastest tier whose memory fits the budget. 1: query-chunked. "
-                "2: online softmax over key tiles (least memory with speed). 3: least memory, one head at a time, "
-                "inference only."),
+                "2: online softmax over key tiles (least memory with speed). 3: least memory, chunks of (batch, head) "
+                "pairs in one reused score buffer, inference only. Leave it on auto; pin a tier only to compare."),
             io.Int.Input("block_m", default=0, min=0, max=65536, step=16,
-                         tooltip="Query rows per tile; 0 lets the planner choose."),
+                         tooltip="Query rows per tile. 0 = automatic (the planner chooses): leave it."),
             io.Int.Input("block_n", default=0, min=0, max=65536, step=16,
                          tooltip="Key columns per tile, used by tier 2 only (tiers 1 and 3 take whole key rows); "
-                         "0 lets the planner choose."),
+                         "0 = automatic (the planner chooses): leave it."),
         )
 
     @classmethod

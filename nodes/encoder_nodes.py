@@ -8,14 +8,19 @@ puts the originals back when another clone of the same model loads. The logic li
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from typing import Any, Dict, Optional
 
 from comfy_api.latest import io
 
 from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
+from ..noflash_core.comfy.op_telemetry import EncodeMonitor
 from ..noflash_core.comfy.override import OverrideConfig
 from ..noflash_core.comfy.vae import VAE_ATTENTION_ATTR, VAEAttention, vae_attention_names
-from ._schema import node_schema
+from ..noflash_core.telemetry import CallRecord
+from ._glue import publish_status, run_context
+from ._schema import node_id, node_schema
 
 __all__ = ["ENCODE_KEY", "NoFlashCLIPPatcher", "NoFlashVAEPatcher", "clone_vae", "patch_clip", "patch_vae"]
 
@@ -30,6 +35,70 @@ def _config(enabled: bool, min_tokens: int, budget_mb: int) -> OverrideConfig:
                           budget_bytes=budget_mb * _MIB if budget_mb > 0 else None)
 
 
+def _monitor(label: str, kind: str, producer: Optional[str]) -> EncodeMonitor:
+    """The status source of one patcher node's encodes/decodes (the badge on that node)."""
+    return EncodeMonitor(label, publish=publish_status, node_id=producer, context=run_context, kind=kind)
+
+
+class _MonitoredStats(RouteStats):
+    """Route statistics that also feed an :class:`EncodeMonitor` (the node's badge)."""
+
+    def __init__(self, monitor: Optional[EncodeMonitor] = None) -> None:
+        super().__init__()
+        self.monitor = monitor
+
+    def record(self, call: CallRecord) -> None:
+        super().record(call)
+        if self.monitor is not None:
+            self.monitor.record(call)
+
+
+class _MonitoredRouter(EncodeRouter):
+    """An :class:`EncodeRouter` whose encodes are bracketed for the CLIP Patcher's status (one per encode)."""
+
+    monitor: Optional[EncodeMonitor] = None
+
+    def __call__(self, *args, **kwargs):
+        if self.monitor is None or not self.config.enabled:
+            return super().__call__(*args, **kwargs)
+        self.monitor.begin("encode")
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self.monitor.end()
+
+
+_VAE_OPS = (("decode", "decode"), ("decode_tiled", "decode"), ("encode", "encode"), ("encode_tiled", "encode"))
+_MONITORED_VAE: Dict[type, type] = {}
+
+
+def _bracketed(method, op: str):
+    @functools.wraps(method)
+    def run(self, *args: Any, **kwargs: Any):
+        monitor = self.__dict__.get("noflash_monitor")
+        if monitor is None:
+            return method(self, *args, **kwargs)
+        monitor.begin(op, getattr(self, "device", None))
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            monitor.end()
+
+    return run
+
+
+def _monitored_vae_class(cls: type) -> type:
+    """A subclass of ComfyUI's ``VAE`` class whose public encode/decode methods are bracketed for the VAE Patcher's
+    status (the copy the node returns gets it; the input VAE keeps its class)."""
+    if getattr(cls, "noflash_monitored", False):
+        return cls
+    if cls not in _MONITORED_VAE:
+        methods = {name: _bracketed(getattr(cls, name), op) for name, op in _VAE_OPS if hasattr(cls, name)}
+        _MONITORED_VAE[cls] = type(cls.__name__, (cls,), {**methods, "noflash_monitored": True,
+                                                          "__module__": cls.__module__})
+    return _MONITORED_VAE[cls]
+
+
 def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, min_tokens_tip: str) -> io.Schema:
     """Schema of a ``name`` -> ``name`` patcher: the ``port`` input to clone, the routing settings, its clone."""
     return node_schema(cls, display_name, [
@@ -39,17 +108,22 @@ def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, mi
         io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
         io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                      tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
-                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM)."),
-    ], [port.Output(display_name=name)])
+                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
+    ], [port.Output(display_name=name, tooltip=f"A clone of the {kind} whose attention runs noflash's tiles.")],
+        hidden=[io.Hidden.unique_id])
 
 
-def patch_clip(clip, config: OverrideConfig):
-    """A clone of ``clip`` whose encodes run the text encoder's attention on noflash's tiles."""
+def patch_clip(clip, config: OverrideConfig, producer: Optional[str] = None):
+    """A clone of ``clip`` whose encodes run the text encoder's attention on noflash's tiles; each encode is
+    published as a ``"clip"`` status tagged with ``producer`` (the node id)."""
     c = clip.clone()
     encode = c.patcher.get_model_object(ENCODE_KEY)
     if isinstance(encode, EncodeRouter):
         encode = encode.encode  # replace an earlier CLIP Patcher's settings, keep what it wrapped
-    c.patcher.add_object_patch(ENCODE_KEY, EncodeRouter(encode, c.cond_stage_model, config))
+    monitor = _monitor(type(c.cond_stage_model).__name__, "clip", producer)
+    router = _MonitoredRouter(encode, c.cond_stage_model, config, stats=_MonitoredStats(monitor))
+    router.monitor = monitor
+    c.patcher.add_object_patch(ENCODE_KEY, router)
     return c
 
 
@@ -63,10 +137,14 @@ def clone_vae(vae):
     return n
 
 
-def patch_vae(vae, config: OverrideConfig):
-    """A clone of ``vae`` whose attention blocks run on noflash's tiles (``(clone, number of blocks)``)."""
+def patch_vae(vae, config: OverrideConfig, producer: Optional[str] = None):
+    """A clone of ``vae`` whose attention blocks run on noflash's tiles (``(clone, number of blocks)``); each
+    encode/decode is published as a ``"vae"`` status tagged with ``producer`` (the node id)."""
     n = clone_vae(vae)
-    stats = RouteStats()
+    monitor = _monitor(type(n.first_stage_model).__name__, "vae", producer)
+    n.__class__ = _monitored_vae_class(type(n))
+    n.noflash_monitor = monitor
+    stats = _MonitoredStats(monitor)
     names = vae_attention_names(n.first_stage_model)
     for name in names:
         key = f"{name}.{VAE_ATTENTION_ATTR}"
@@ -94,7 +172,7 @@ class NoFlashCLIPPatcher(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
-        patched = patch_clip(clip, _config(enabled, min_tokens, budget_mb))
+        patched = patch_clip(clip, _config(enabled, min_tokens, budget_mb), node_id(cls))
         logger.info("noflash: CLIP Patcher routes %d text-encoder attention modules (min_tokens=%d)",
                     len(attention_module_names(patched.cond_stage_model)), min_tokens)
         return io.NodeOutput(patched)
@@ -115,7 +193,7 @@ class NoFlashVAEPatcher(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
-        patched, blocks = patch_vae(vae, _config(enabled, min_tokens, budget_mb))
+        patched, blocks = patch_vae(vae, _config(enabled, min_tokens, budget_mb), node_id(cls))
         if blocks == 0:
             logger.info("noflash: VAE Patcher found no attention block in %s; the VAE is unchanged",
                         type(vae.first_stage_model).__name__)

@@ -1,8 +1,8 @@
 """How many bytes one attention call may use for its working memory.
 
 Order of precedence: an explicit ``budget_bytes``; the ``NOFLASH_BUDGET_MB`` environment variable; a fraction of
-the device's free memory (CUDA/ROCm ``mem_get_info``, with ROCm sysfs when present; MPS
-``recommended_max_memory`` minus what is allocated; XPU ``mem_get_info``); on CPU the constant
+the device's free memory (read by :mod:`noflash_core.device_memory`: ``mem_get_info`` on CUDA, ZLUDA and XPU,
+ROCm sysfs on Linux when present, MPS ``recommended_max_memory`` minus what is allocated); on CPU the constant
 :data:`CPU_DEFAULT_BUDGET_BYTES` (256 MiB), chosen so that the default plan stays cache-friendly and small next to
 the model.
 """

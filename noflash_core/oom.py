@@ -13,6 +13,8 @@ from typing import Callable, Iterable, List, Optional, Tuple, TypeVar
 
 import torch
 
+from .device_memory import empty_cache
+
 __all__ = ["free_cached_memory", "retry_out_of_memory"]
 
 _log = logging.getLogger(__name__)
@@ -24,13 +26,7 @@ T = TypeVar("T")
 def free_cached_memory(device: torch.device) -> None:
     """Collect garbage and empty the caching allocator of ``device`` (a no-op on CPU)."""
     gc.collect()
-    kind = torch.device(device).type
-    if kind == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    elif kind == "mps" and hasattr(torch, "mps"):
-        torch.mps.empty_cache()
-    elif kind == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
-        torch.xpu.empty_cache()
+    empty_cache(torch.device(device))
 
 
 def retry_out_of_memory(

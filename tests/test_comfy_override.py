@@ -13,16 +13,20 @@ compares torch with itself. ComfyUI's ``ModelPatcher.clone()`` deep copy is test
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from noflash_core.comfy.memory import comfy_budget_bytes, efficient_memory_required, planned_memory
 from noflash_core.comfy.override import (
     OverrideConfig,
     is_noflash_override,
     make_attention_override,
     normalize_comfy_mask,
     override_config,
+    override_name,
     override_previous,
     override_recorder,
     rebuild_override,
@@ -37,19 +41,25 @@ BUDGET = 4 * 1024
 """Bytes: below math SDPA's peak for every call in this file, so "auto" must tile."""
 
 
-def _comfy_attention_pytorch(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False):
-    """Reference: ComfyUI's ``attention_pytorch`` semantics, computed with torch's SDPA."""
-    if skip_reshape:
-        b = q.shape[0]
-    else:
-        b = q.shape[0]
-        q, k, v = (t.reshape(b, t.shape[1], heads, t.shape[2] // heads).transpose(1, 2) for t in (q, k, v))
+def _comfy_attention_pytorch(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, scale=None,
+                             enable_gqa=False):
+    """Reference: ComfyUI's ``attention_pytorch`` semantics (0.33's ``scale``/``enable_gqa`` keywords included),
+    computed with torch's SDPA. Under ``enable_gqa`` in the ``(b, n, h*d)`` layout, k and v have
+    ``width // d`` heads, ``d`` being q's head dim (ComfyUI's ``_reshape_qkv_to_heads``)."""
+    b = q.shape[0]
+    if not skip_reshape:
+        d = q.shape[2] // heads
+        q = q.reshape(b, q.shape[1], heads, d).transpose(1, 2)
+        if enable_gqa:
+            k, v = (t.reshape(b, t.shape[1], t.shape[2] // d, d).transpose(1, 2) for t in (k, v))
+        else:
+            k, v = (t.reshape(b, t.shape[1], heads, t.shape[2] // heads).transpose(1, 2) for t in (k, v))
     if mask is not None:
         if mask.dim() == 2:
             mask = mask.unsqueeze(0)
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)
-    out = TORCH_SDPA(q, k, v, attn_mask=mask)
+    out = TORCH_SDPA(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
     if not skip_output_reshape:
         out = out.transpose(1, 2).reshape(b, out.shape[2], -1)
     return out
@@ -290,7 +300,8 @@ class _Spy:
         heads = args[3] if len(args) > 3 else kwargs["heads"]
         mask = args[4] if len(args) > 4 else kwargs.get("mask")
         return _comfy_attention_pytorch(q, k, v, heads, mask, kwargs.get("skip_reshape", False),
-                                        kwargs.get("skip_output_reshape", False))
+                                        kwargs.get("skip_output_reshape", False), kwargs.get("scale"),
+                                        kwargs.get("enable_gqa", False))
 
 
 def test_below_min_tokens_goes_to_func_with_everything_passed_on():
@@ -427,3 +438,256 @@ def test_long_sequence_memory_far_below_n_squared():
     assert peak - out_bytes < scores_bytes / 8, (peak, scores_bytes)
     idx = torch.arange(0, n, 97)
     _assert_matches_comfy(out[:, idx], q[:, idx], k, v, h)
+
+
+# ---- ComfyUI 0.33+ call forms: scale=, enable_gqa= (k/v with fewer heads) ---------------------------------
+
+
+class _DispatchSpy:
+    """Records the shapes and keywords noflash's dispatcher (``sdpa._attention``) receives, then runs it."""
+
+    def __init__(self, monkeypatch):
+        import noflash_core.sdpa as sdpa
+
+        self.calls = []
+        real = sdpa._attention
+
+        def spy(query, key, value, attn_mask=None, *args, **kwargs):
+            self.calls.append({"q": tuple(query.shape), "k": tuple(key.shape), "v": tuple(value.shape),
+                               "scale": kwargs.get("scale"), "enable_gqa": kwargs.get("enable_gqa")})
+            return real(query, key, value, attn_mask, *args, **kwargs)
+
+        monkeypatch.setattr(sdpa, "_attention", spy)
+
+
+def _gqa_qkv(b=2, hq=8, hkv=2, n_q=40, n_k=40, d=16, layout="bnd", dtype=torch.float32, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bnd":
+        shapes = [(b, n_q, hq * d), (b, n_k, hkv * d), (b, n_k, hkv * d)]
+    else:
+        shapes = [(b, hq, n_q, d), (b, hkv, n_k, d), (b, hkv, n_k, d)]
+    return tuple(torch.randn(*s, generator=g).to(dtype) for s in shapes)
+
+
+def _gqa_mask_cases(b=2, hq=8, n_q=40, n_k=40):
+    """Every mask rank and kind ComfyUI's models send, sized for a (self or cross) GQA call."""
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(b, n_q, n_k, generator=g) > 0.3
+    keep[..., 0] = True
+    pad = torch.ones(b, 1, n_k, dtype=torch.bool)
+    pad[1, 0, n_k - 9:] = False
+    causal = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)
+    return {
+        "none": None,
+        "2d_float_(Lq,Lk)": torch.randn(n_q, n_k, generator=g),
+        "2d_bool_causal_(Lq,Lk)": causal,
+        "3d_float_(b,Lq,Lk)": torch.randn(b, n_q, n_k, generator=g),
+        "3d_bool_(b,Lq,Lk)": keep,
+        "3d_bool_padding_(b,1,Lk)": pad,
+        "3d_float_padding_(1,1,Lk)_-inf": torch.where(pad[1:], 0.0, float("-inf")),
+        "4d_float_(b,1,1,Lk)_-finfo.max": torch.where(pad, 0.0, -torch.finfo(torch.float32).max).unsqueeze(1),
+        "4d_float_(b,hq,Lq,Lk)": torch.randn(b, hq, n_q, n_k, generator=g),
+        "4d_bool_(1,1,Lq,Lk)": causal[None, None],
+    }
+
+
+def test_scale_keyword_is_used_in_both_layouts():
+    for layout, kwargs in (("bnd", {}), ("bhnd", {"skip_reshape": True})):
+        q, k, v = _qkv(layout=layout)
+        out = _override()(_func_must_not_run, q, k, v, 3, scale=0.37, _inside_attn_wrapper=True, **kwargs)
+        _assert_matches_comfy(out, q, k, v, 3, scale=0.37, **kwargs)
+        default = _override()(_func_must_not_run, q, k, v, 3, _inside_attn_wrapper=True, **kwargs)
+        assert (out - default).abs().max() > 0.05  # the scale changed the result (it was not dropped)
+
+
+@pytest.mark.parametrize("layout", ["bnd", "bhnd"])
+@pytest.mark.parametrize("n_k", [40, 23])  # self and cross attention
+@pytest.mark.parametrize("mask_name", list(_gqa_mask_cases()))
+def test_gqa_every_mask_form_matches_attention_pytorch(layout, n_k, mask_name, monkeypatch):
+    if mask_name.startswith(("2d_bool_causal", "4d_bool_(1,1,Lq")) and n_k != 40:
+        pytest.skip("the causal masks are square")
+    mask = _gqa_mask_cases(n_k=n_k)[mask_name]
+    q, k, v = _gqa_qkv(n_k=n_k, layout=layout)
+    spy = _DispatchSpy(monkeypatch)
+    kwargs = {"skip_reshape": layout == "bhnd", "enable_gqa": True}
+    out = _override()(_func_must_not_run, q, k, v, 8, mask=mask, _inside_attn_wrapper=True, **kwargs)
+    assert out.shape == (2, 40, 8 * 16)
+    _assert_matches_comfy(out, q, k, v, 8, mask, **kwargs)
+    # k and v reached the dispatcher at their own 2 heads with enable_gqa=True: never repeated to 8.
+    (call,) = spy.calls
+    assert call["q"] == (2, 8, 40, 16) and call["k"] == (2, 2, n_k, 16) and call["v"] == (2, 2, n_k, 16)
+    assert call["enable_gqa"] is True
+
+
+@pytest.mark.parametrize("layout", ["bnd", "bhnd"])
+@pytest.mark.parametrize("tier", [1, 2, 3])
+def test_gqa_with_scale_and_skip_output_reshape_on_every_tier(layout, tier):
+    q, k, v = _gqa_qkv(hq=6, hkv=3, n_q=70, n_k=90, layout=layout)
+    mask = _gqa_mask_cases(hq=6, n_q=70, n_k=90)["3d_bool_padding_(b,1,Lk)"]
+    kwargs = {"skip_reshape": layout == "bhnd", "skip_output_reshape": True, "enable_gqa": True, "scale": 0.2}
+    out = _override(tier=tier, block_m=16, block_n=32)(_func_must_not_run, q, k, v, 6, mask,
+                                                         _inside_attn_wrapper=True, **kwargs)
+    assert out.shape == (2, 6, 70, 16)
+    _assert_matches_comfy(out, q, k, v, 6, mask, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gqa_half_precision_keeps_query_dtype(dtype):
+    q, k, v = _gqa_qkv(dtype=dtype)
+    mask = _gqa_mask_cases()["3d_float_(b,Lq,Lk)"].to(dtype)
+    out = _override()(_func_must_not_run, q, k, v, 8, mask, enable_gqa=True, scale=0.3, _inside_attn_wrapper=True)
+    _assert_matches_comfy(out, q, k, v, 8, mask, enable_gqa=True, scale=0.3)
+
+
+def test_gqa_kv_are_not_expanded_in_memory():
+    # One long GQA call: repeating k and v to all 16 heads (ComfyUI's repeat_kv_for_gqa) would allocate 15/16 of
+    # the full-head k and v (7.5 MiB here). Noflash's peak above its own output stays below a quarter of that
+    # (the tiles work within the 1 MiB budget). skip_output_reshape: no merged-heads copy of the output.
+    b, hq, hkv, n, d = 1, 16, 1, 2048, 32
+    q, k, v = _gqa_qkv(b=b, hq=hq, hkv=hkv, n_q=n, n_k=n, d=d)
+    expanded = 2 * b * (hq - hkv) * n * d * 4
+    ov = _override(budget_bytes=1 << 20)
+    with LiveBytesTracker() as tracker:
+        out = ov(_func_must_not_run, q, k, v, hq, enable_gqa=True, skip_output_reshape=True,
+                 _inside_attn_wrapper=True)
+        peak = tracker.peak_bytes
+    assert peak - out.numel() * out.element_size() < expanded / 4, (peak, expanded)
+    idx = torch.arange(0, n, 101)
+    _assert_matches_comfy(out[:, :, idx], q[:, idx], k, v, hq, enable_gqa=True, skip_output_reshape=True)
+
+
+@pytest.mark.parametrize("case", ["heads_do_not_divide", "k_v_heads_differ", "k_width_not_head_multiple"])
+@pytest.mark.parametrize("layout", ["bnd", "bhnd"])
+def test_gqa_forms_comfy_rejects_go_to_func_unchanged(case, layout):
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    hk, hv = {"heads_do_not_divide": (3, 3), "k_v_heads_differ": (2, 4), "k_width_not_head_multiple": (2, 2)}[case]
+    if layout == "bnd":
+        kw = hk * d + (5 if case == "k_width_not_head_multiple" else 0)
+        q, k, v = torch.randn(1, 30, 8 * d, generator=g), torch.randn(1, 30, kw, generator=g), \
+            torch.randn(1, 30, hv * d, generator=g)
+    elif case == "k_width_not_head_multiple":
+        pytest.skip("the skip_reshape layout has no widths")
+    else:
+        q, k, v = (torch.randn(1, h, 30, d, generator=g) for h in (8, hk, hv))
+    sentinel = torch.zeros(1)
+    seen = []
+
+    def func(*args, **kwargs):
+        seen.append((args, kwargs))
+        return sentinel
+
+    records = []
+    ov = make_attention_override(OverrideConfig(min_tokens=0), recorder=records.append)
+    kwargs = {"skip_reshape": layout == "bhnd", "enable_gqa": True, "scale": 0.5, "_inside_attn_wrapper": True}
+    assert ov(func, q, k, v, 8, **kwargs) is sentinel
+    (args, got), = seen
+    assert args[1] is k and args[2] is v and got == kwargs
+    assert records[0].path == "comfy"
+
+
+def test_k_of_another_width_without_gqa_goes_to_func():
+    # Without enable_gqa ComfyUI reshapes k to q's heads and head dim; a k of another width is not a form it
+    # defines, so the override must not guess a head count.
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 30, 64, generator=g), torch.randn(1, 30, 32, generator=g), torch.randn(1, 30, 32)
+    func = _Spy()
+    with pytest.raises(RuntimeError):  # torch's SDPA itself rejects the head dims, as ComfyUI's call would
+        make_attention_override(OverrideConfig(min_tokens=0))(func, q, k, v, 4, _inside_attn_wrapper=True)
+    assert len(func.calls) == 1
+
+
+def test_below_min_tokens_passes_scale_and_gqa_on():
+    q, k, v = _gqa_qkv(n_q=20, n_k=20)
+    func = _Spy()
+    ov = make_attention_override(OverrideConfig(min_tokens=1024))
+    out = ov(func, q, k, v, 8, enable_gqa=True, scale=0.25, _inside_attn_wrapper=True)
+    ((_, kwargs),) = func.calls
+    assert kwargs == {"enable_gqa": True, "scale": 0.25, "_inside_attn_wrapper": True}
+    _assert_matches_comfy(out, q, k, v, 8, enable_gqa=True, scale=0.25)
+
+
+def test_override_attributes_for_comfyui():
+    ov = make_attention_override(OverrideConfig())
+    assert ov.memory_efficient is True and not hasattr(ov, "container_function")
+    assert make_attention_override(OverrideConfig(enabled=False)).memory_efficient is False
+    assert override_name(ov) == "noflash" and override_name(None) == "none"
+
+    def attention_pytorch(*args, **kwargs):
+        return None
+
+    def set_model_optimized_attention(optimized_attention):  # the shape of ComfyUI's ModelPatcher method
+        def optimized_attention_override(_, *args, **kwargs):
+            return optimized_attention(*args, **kwargs)
+        return optimized_attention_override
+
+    assert override_name(set_model_optimized_attention(attention_pytorch)) == "attention_pytorch"
+
+
+def test_free_memory_reader_sets_the_budget(monkeypatch):
+    monkeypatch.delenv("NOFLASH_BUDGET_MB", raising=False)
+    meta = torch.device("meta")
+    assert comfy_budget_bytes(meta, lambda dev: 1 << 30) is None  # meta/CPU: the planner's own rule
+    cuda = torch.device("cuda", 0)
+    assert comfy_budget_bytes(cuda, None) is None
+    assert comfy_budget_bytes(cuda, lambda dev: None) is None  # no dynamic VRAM: the planner reads free memory
+    assert comfy_budget_bytes(cuda, lambda dev: 10 * 2**30 + 12345) == 5 * 2**30
+    assert comfy_budget_bytes(cuda, lambda dev: 100) == 1 << 20
+
+    def broken(dev):
+        raise RuntimeError("gone")
+
+    assert comfy_budget_bytes(cuda, broken) is None
+    monkeypatch.setenv("NOFLASH_BUDGET_MB", "300")
+    assert comfy_budget_bytes(cuda, lambda dev: 1 << 30) is None  # the environment wins (the planner reads it)
+    ov = make_attention_override(OverrideConfig(), free_memory=lambda dev: 1 << 30)
+    assert rebuild_override(ov, tier=2).noflash_free_memory is ov.noflash_free_memory
+
+
+# ---- ComfyUI's memory planning (noflash_core.comfy.memory), on a stand-in for BaseModel ----------------------
+
+
+class _BaseModelLike(torch.nn.Module):
+    """The attributes ComfyUI's ``BaseModel.memory_required`` reads, and its quadratic-attention formula."""
+
+    memory_usage_factor = 1.3825  # Wan 2.2 5B: dim 3072 / 2222 (supported_models.WAN21_T2V)
+
+    def __init__(self):
+        super().__init__()
+        self.memory_usage_factor_conds = ("ref_latents",)
+        self.memory_usage_shape_process = {}
+        self.manual_cast_dtype = None
+
+    def get_dtype(self):
+        return torch.bfloat16
+
+    def memory_required(self, input_shape, cond_shapes=None):
+        shapes = [input_shape] + list((cond_shapes or {}).get("ref_latents", []))
+        area = sum(s[0] * math.prod(s[2:]) for s in shapes)
+        return area * 0.15 * self.memory_usage_factor * 2**20
+
+
+def test_planned_memory_is_per_run_and_restores_the_model():
+    model = _BaseModelLike()
+    shape = [2, 48, 31, 44, 80]
+    comfy = model.memory_required(shape)
+    with planned_memory(model):
+        planned = model.memory_required(shape)
+        with_ref = model.memory_required(shape, cond_shapes={"ref_latents": [[1, 48, 1, 44, 80]]})
+    assert planned == pytest.approx(2 * 31 * 44 * 80 * 2 * 0.01 * 1.3825 * 2**20)
+    assert comfy / planned == pytest.approx(0.15 / 0.02)  # 7.5x: ComfyUI's quadratic vs efficient in 16-bit
+    assert with_ref == pytest.approx(planned * (1 + 44 * 80 / (2 * 31 * 44 * 80)))
+    assert "memory_required" not in vars(model) and model.memory_required(shape) == comfy
+    with pytest.raises(KeyError):
+        with planned_memory(model):
+            raise KeyError("boom")
+    assert "memory_required" not in vars(model)
+
+
+def test_planned_memory_never_raises_comfys_figure():
+    model = _BaseModelLike()
+    model.memory_required = lambda input_shape, cond_shapes=None: 1.0  # e.g. an efficient figure already
+    with planned_memory(model):
+        assert model.memory_required([1, 16, 8, 8]) == 1.0
+    assert model.memory_required([1, 16, 8, 8]) == 1.0  # an instance attribute there before is put back
+    assert efficient_memory_required(model, [1, 16, 8, 8]) > 1.0

@@ -1,4 +1,5 @@
-"""Video planner: model geometry, fake-tensor memory estimates, verdicts, and the ``noflash_core.video`` CLI."""
+"""The VRAM estimate (:mod:`noflash_core.vram`): model geometry, fake-tensor memory estimates, verdicts, and the
+``python -m noflash_core.video`` CLI."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 import pytest
 
 from noflash_core.device import get_preset
-from noflash_core.video.estimator import _latent_and_grid, _stage_tokens, estimate_run, format_bytes
+from noflash_core.units import format_bytes
 from noflash_core.video.families import MODEL_FAMILIES, get_family
+from noflash_core.vram import estimate_run
+from noflash_core.vram.geometry import latent_and_grid, stage_tokens
 
 GiB = 1024**3
 
@@ -30,7 +33,7 @@ GiB = 1024**3
 )
 def test_token_counts(model, size, frames, tokens):
     fam = get_family(model)
-    _, grid = _latent_and_grid(fam, size[0], size[1], frames)
+    _, grid = latent_and_grid(fam, size[0], size[1], frames)
     assert grid[0] * grid[1] * grid[2] == tokens
 
 
@@ -44,7 +47,7 @@ def test_family_table_is_consistent():
     assert get_family("flux").layers == 19 + 38 and get_family("hunyuanvideo").layers == 20 + 40
     sdxl = get_family("sdxl")
     assert [s.heads * s.head_dim for s in sdxl.stages] == [640, 1280]
-    assert _stage_tokens((1, 128, 128), sdxl.stages[0]) == 4096
+    assert stage_tokens((1, 128, 128), sdxl.stages[0]) == 4096
     assert get_family("Wan2.2-TI2V-5B").name == "wan2.2-5b"
 
 
@@ -60,9 +63,9 @@ def test_bad_inputs_raise_value_error():
 def test_wan22_5b_720p_121_frames_on_gfx1030():
     est = estimate_run("wan2.2-5b", 1280, 704, frames=121, batch=2, dtype="fp16", device="gfx1030")
     assert est.vram_bytes == 16 * GiB and est.device.simulated and est.device.paths.diffusion == "sub_quad"
-    assert est.video_tokens == est.tokens_per_call == 27_280
-    assert est.latent_shape == (48, 31, 44, 80)
-    self_attn = est.attention[0]
+    assert est.denoise.video_tokens == est.denoise.tokens_per_call == 27_280
+    assert est.denoise.latent_shape == (48, 31, 44, 80)
+    self_attn = est.denoise.attention[0]
     assert (self_attn.batch, self_attn.heads, self_attn.q_len, self_attn.kv_len) == (2, 24, 27_280, 27_280)
     # Math SDPA with ComfyUI's fp16 reductions: fp16 scores and probabilities, 35.7 GB each per batch item.
     assert self_attn.math_bytes >= 2 * 2 * 24 * 27_280**2 * 2
@@ -70,11 +73,11 @@ def test_wan22_5b_720p_121_frames_on_gfx1030():
     assert self_attn.peak_bytes < self_attn.math_bytes / 50
     # ComfyUI's sub-quadratic attention sizes its query chunks from free memory: far below math, above noflash.
     assert self_attn.peak_bytes < self_attn.comfy_bytes < self_attn.math_bytes / 10
-    ffn = est.ffn[0]
+    ffn = est.denoise.ffn[0]
     assert ffn.chunks >= 2 and ffn.chunked_bytes < ffn.whole_bytes
     assert ffn.whole_bytes >= 2 * 27_280 * 14336 * 2  # at least one (B, N, ffn_dim) fp16 intermediate
     denoise = est.phases[0]
-    assert denoise.name == "denoise" and denoise.comfy_bytes >= est.weights_bytes  # totals include the weights
+    assert denoise.name == "denoise" and denoise.comfy_bytes >= est.denoise.weights_bytes  # totals include the weights
     assert [p.name for p in est.phases] == ["denoise", "text encoder", "VAE decode"]
     text = est.to_text()
     assert "tokens per attention call: 27,280" in text and "VERDICT: " in text
@@ -97,7 +100,7 @@ def test_estimate_does_not_depend_on_the_global_math_flag():
             torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
     assert results[0] == results[1]
     assert results[0]["precision"] == "torch math SDPA with fp16/bf16 reductions on (ComfyUI's setting)"
-    assert format_bytes(results[0]["attention"][0]["math_bytes"]) == "66.7 GiB"
+    assert format_bytes(results[0]["denoise"]["attention"][0]["math_bytes"]) == "66.7 GiB"
 
 
 @pytest.mark.parametrize("preset,paths", [
@@ -135,19 +138,19 @@ def test_verdicts():
     no = estimate_run("wan2.2-5b", 1280, 704, frames=121, device="gfx1030", text_encoders="none")
     assert no.verdict == "no" and "VAE Decode (Tiled)" in no.advice  # 121 frames decoded in one go
     unknown = estimate_run("sdxl", 1024, 1024, device=_no_memory("gfx1030"))
-    assert unknown.verdict is None and unknown.fits_comfy is None and "?" in unknown.to_text()
+    assert unknown.verdict is None and unknown.denoise.fits_comfy is None and "?" in unknown.to_text()
 
 
 def test_without_vram_there_is_no_verdict():
     est = estimate_run("sdxl", 1024, 1024, batch=1, device=_no_memory("gfx1030"))
-    assert est.fits_comfy is None and est.fits_noflash is None
-    assert [a.q_len for a in est.attention] == [4096, 4096, 1024, 1024]
-    assert [a.kv_len for a in est.attention] == [4096, 77, 1024, 77]
+    assert est.denoise.fits_comfy is None and est.denoise.fits_noflash is None
+    assert [a.q_len for a in est.denoise.attention] == [4096, 4096, 1024, 1024]
+    assert [a.kv_len for a in est.denoise.attention] == [4096, 77, 1024, 77]
 
 
 def test_weights_that_do_not_fit_are_streamed():
     est = estimate_run("flux", 1024, 1024, dtype="bf16", vram_bytes=8 * GiB, device="gfx1010")
-    assert est.weights_bytes > 8 * GiB and not est.weights_resident
+    assert est.denoise.weights_bytes > 8 * GiB and not est.denoise.weights_resident
     assert any("streamed" in n for n in est.notes)
 
 
@@ -181,7 +184,7 @@ def test_vae_rows_at_1536():
 
 
 def test_this_machine_on_a_cpu_box(monkeypatch):
-    from noflash_core.video.estimator import resolve_target
+    from noflash_core.vram import resolve_target
 
     target, profile = resolve_target("this machine")
     if target.kind == "cpu":
@@ -206,10 +209,10 @@ def test_chart_data_matches_the_web_fixtures():
 
 
 def test_dtype_names():
-    from noflash_core.video.estimator import _parse_dtype
+    from noflash_core.vram import parse_dtype_name
 
-    assert _parse_dtype("bfloat16")[0] == _parse_dtype("BF16")[0] == "bf16"
-    assert _parse_dtype("torch.float16")[0] == "fp16" and _parse_dtype("float32")[0] == "fp32"
+    assert parse_dtype_name("bfloat16")[0] == parse_dtype_name("BF16")[0] == "bf16"
+    assert parse_dtype_name("torch.float16")[0] == "fp16" and parse_dtype_name("float32")[0] == "fp32"
 
 
 def test_format_bytes():
@@ -233,10 +236,14 @@ def test_plan_cli(monkeypatch, capsys):
                    "--text-encoders", "qwen2.5-vl-7b", "--prompt-tokens", "1000", "--vae", "none")
     assert "Qwen2.5-VL 7B: 1 x 1,034 tokens" in out and "gfx1010 profile" in out and "VAE decode" not in out
     out = _run_cli(monkeypatch, capsys, "--list")
-    assert "wan2.2-5b" in out and "qwen-image" in out and "gfx1030 (AMD Radeon RX 6800" in out
+    assert "wan2.2-5b" in out and "qwen-image" in out
+    assert "  gfx1030 · AMD Radeon RX 6800/6800 XT/6900 XT (RDNA2, 16 GiB)\n" in out  # the card behind each name
+    out = _run_cli(monkeypatch, capsys, "-m", "flux", "-W", "512", "-H", "512", "--device",
+                   "arc · Intel Arc A770 (16 GiB)")  # a label from --list works as well as the bare name
+    assert "planned for the arc profile" in out
     out = _run_cli(monkeypatch, capsys, "-m", "ltxv-2b", "-W", "512", "-H", "320", "-f", "25", "--json",
                    "--device", "gfx906")
-    assert json.loads(out)["video_tokens"] == 4 * 10 * 16
+    assert json.loads(out)["denoise"]["video_tokens"] == 4 * 10 * 16
 
 
 def test_plan_cli_errors(monkeypatch, capsys):

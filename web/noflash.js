@@ -1,7 +1,8 @@
-// NoFlash ComfyUI extension: a live badge on every NoFlash node (active tier, peak VRAM), a "NoFlash" bottom-panel
+// NoFlash ComfyUI extension: a live badge on the NoFlash nodes that produced a run in the graph shown (attention
+// tier and peak VRAM; the FFN Chunker's chunks; the CLIP/VAE Patchers' last encode/decode), a "NoFlash" bottom-panel
 // tab with the last runs, and the VRAM Probe's picture: one bar per component against the card's VRAM, a one-line
-// verdict, and the full report on demand. Formatting lives in noflash_format.js, the chart layout in
-// noflash_chart.js.
+// verdict, and the full report on demand (and to copy). Formatting and status keying live in noflash_format.js, the
+// chart layout in noflash_chart.js.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
@@ -17,14 +18,19 @@ import {
   STATUS_EVENT,
   badgeColors,
   badgeText,
-  isNoflashNode,
+  emptyStore,
+  isProducerNode,
   panelRows,
   pushRun,
+  rememberPrompt,
   rememberStatus,
   statusForNode,
 } from "./noflash_format.js";
 
-const state = { latest: null, byNode: {}, runs: [], panel: null };
+const state = { store: emptyStore(), runs: [], panel: null };
+
+// Drawn where a node has no status: LiteGraph's drawBadges() needs an object, so an invisible one.
+const NO_BADGE = Object.freeze({ text: "", height: 0, getWidth: () => 0, draw() {} });
 
 // A pill drawn by LiteGraph's drawBadges(): it only needs height, getWidth(ctx) and draw(ctx, x, y).
 class NoflashBadge {
@@ -62,9 +68,31 @@ class NoflashBadge {
   }
 }
 
+// The id of the (root) graph a node is in: LGraph.id, which the frontend also sends with each queued prompt.
+function graphIdOf(node) {
+  const graph = node?.graph ?? app.graph;
+  return graph?.rootGraph?.id ?? graph?.id ?? app.graph?.id ?? null;
+}
+
 function badgeFor(node) {
-  const status = statusForNode(state.byNode, state.latest, node.id);
-  return new NoflashBadge(badgeText(status), badgeColors(status));
+  const status = statusForNode(state.store, graphIdOf(node), node.id);
+  const text = badgeText(status);
+  return text ? new NoflashBadge(text, badgeColors(status)) : NO_BADGE;
+}
+
+// Remember which graph each prompt this page queues came from (the server also reads it from the prompt's
+// workflow; this covers a prompt whose workflow carries no id).
+function trackQueuedPrompts() {
+  const original = api.queuePrompt;
+  if (typeof original !== "function" || original.noflashTracked) return;
+  const tracked = async function (number, data, ...rest) {
+    const graphId = data?.workflow?.id ?? app.graph?.id ?? null;
+    const res = await original.call(this, number, data, ...rest);
+    if (res?.prompt_id && graphId) state.store = rememberPrompt(state.store, res.prompt_id, graphId);
+    return res;
+  };
+  tracked.noflashTracked = true;
+  api.queuePrompt = tracked;
 }
 
 function renderPanel() {
@@ -73,7 +101,8 @@ function renderPanel() {
   el.replaceChildren();
   el.style.cssText = "padding:6px 10px;overflow:auto;height:100%;font:12px sans-serif;";
   if (state.runs.length === 0) {
-    el.textContent = "No NoFlash runs yet. Queue a workflow with a NoFlash Attention Patcher.";
+    el.textContent = "No NoFlash runs yet. Queue a workflow with a NoFlash Attention Patcher, FFN Chunker, " +
+      "CLIP Patcher or VAE Patcher.";
     return;
   }
   const table = document.createElement("table");
@@ -99,8 +128,7 @@ function renderPanel() {
 
 function onStatus(status) {
   if (!status || typeof status !== "object") return;
-  state.latest = status;
-  state.byNode = rememberStatus(state.byNode, status);
+  state.store = rememberStatus(state.store, status);
   state.runs = pushRun(state.runs, status, 10);
   renderPanel();
   app.graph?.setDirtyCanvas?.(true, true);
@@ -113,9 +141,8 @@ async function loadHistory() {
     const data = await res.json();
     for (const run of data.runs ?? []) {
       state.runs = pushRun(state.runs, run, 10);
-      state.byNode = rememberStatus(state.byNode, run);
+      state.store = rememberStatus(state.store, run);
     }
-    if (!state.latest && state.runs.length) state.latest = state.runs.at(-1);
     renderPanel();
   } catch (err) {
     console.debug("noflash: no run history", err);
@@ -124,6 +151,7 @@ async function loadHistory() {
 
 const ESTIMATE_KEY = "noflash_estimate";
 const SHOW_REPORT_KEY = "noflash_show_report";
+const SIZE_BEFORE_REPORT_KEY = "noflash_size_before_report";
 const MIN_WIDTH = 480;
 
 function estimateOf(node) {
@@ -137,61 +165,13 @@ function roundRect(ctx, x, y, w, h, r) {
   else ctx.rect(x, y, w, h);
 }
 
-// Draw the probe's picture with its top at y (a LiteGraph custom widget's draw()).
-function drawChart(ctx, node, width, y) {
-  const data = estimateOf(node);
-  const show = !!node.properties?.[SHOW_REPORT_KEY];
-  const lay = layoutChart(data, width, show);
-  ctx.save();
-  ctx.translate(0, y);
-  ctx.textBaseline = "middle";
-  ctx.textAlign = "left";
-  // Verdict pill and the device line.
-  const style = verdictStyle(data?.verdict);
-  roundRect(ctx, 8, 2, lay.width - 16, lay.pillHeight, 5);
-  ctx.fillStyle = style.bg;
-  ctx.fill();
-  ctx.fillStyle = style.fg;
-  ctx.font = "bold 12px sans-serif";
-  lay.verdict.forEach((line, i) => ctx.fillText(`${i === 0 ? style.icon : " "} ${line}`, 14, 13 + i * 16));
-  ctx.font = "11px sans-serif";
-  ctx.fillStyle = COLORS.dim;
-  const maxChars = Math.floor((lay.width - 20) / 5.8);
-  ctx.fillText(fitText(data ? `${deviceLine(data)} \u00b7 ${data.title ?? ""}` : "", maxChars), 10, lay.deviceY);
-  if (!data) {
-    ctx.restore();
-    return;
-  }
-  // Bars.
-  ctx.font = "italic 10px sans-serif";
-  ctx.fillStyle = COLORS.dim;
-  for (const c of lay.captions) ctx.fillText(c.text, lay.labelX, c.y + 7);
-  ctx.font = "11px sans-serif";
-  const labelChars = Math.floor(lay.labelW / 5.8);
-  for (const r of lay.rows) {
-    const cy = r.y + 8;
-    ctx.fillStyle = r.kind === "total" ? COLORS.text : COLORS.dim;
-    ctx.textAlign = "left";
-    ctx.fillText(fitText(r.label, labelChars), lay.labelX, cy);
-    ctx.fillStyle = r.color;
-    ctx.globalAlpha = r.kind === "total" ? 1 : 0.8;
-    ctx.fillRect(r.x, r.y + 2, r.w, 12);
-    ctx.globalAlpha = 1;
-    if (r.over) {
-      ctx.strokeStyle = COLORS.over;
-      ctx.lineWidth = 2;
-      ctx.strokeRect(r.x, r.y + 2, r.w, 12);
-    }
-    ctx.fillStyle = r.over ? COLORS.over : COLORS.text;
-    ctx.fillText(`${r.clipped ? "\u00bb " : ""}${r.valueText}`, r.x + r.w + 4, cy);
-  }
-  // The card's VRAM.
+function drawLegend(ctx, data, lay) {
   if (lay.vramX !== null) {
     ctx.strokeStyle = COLORS.vram;
     ctx.lineWidth = 1;
     ctx.setLineDash([4, 3]);
     ctx.beginPath();
-    ctx.moveTo(lay.vramX + 0.5, lay.rows.length ? lay.rows[0].y - 4 : 40);
+    ctx.moveTo(lay.vramX + 0.5, lay.rows[0].y - 4);
     ctx.lineTo(lay.vramX + 0.5, lay.barsBottom);
     ctx.stroke();
     ctx.setLineDash([]);
@@ -208,10 +188,62 @@ function drawChart(ctx, node, width, y) {
   ctx.fillRect(lay.labelX + 128, lay.footerY + 2, 9, 9);
   ctx.fillStyle = COLORS.dim;
   ctx.fillText("noflash", lay.labelX + 141, lay.footerY + 7);
-  // The full report, on demand.
+}
+
+function drawBars(ctx, lay) {
+  ctx.font = "italic 10px sans-serif";
+  ctx.fillStyle = COLORS.dim;
+  for (const c of lay.captions) ctx.fillText(c.text, lay.labelX, c.y + 7);
+  ctx.font = "11px sans-serif";
+  const labelChars = Math.floor(lay.labelW / 5.8);
+  for (const r of lay.rows) {
+    const cy = r.y + 8;
+    ctx.fillStyle = r.kind === "total" ? COLORS.text : COLORS.dim;
+    ctx.fillText(fitText(r.label, labelChars), lay.labelX, cy);
+    ctx.fillStyle = r.color;
+    ctx.globalAlpha = r.kind === "total" ? 1 : 0.8;
+    ctx.fillRect(r.x, r.y + 2, r.w, 12);
+    ctx.globalAlpha = 1;
+    if (r.over) {
+      ctx.strokeStyle = COLORS.over;
+      ctx.lineWidth = 2;
+      ctx.strokeRect(r.x, r.y + 2, r.w, 12);
+    }
+    ctx.fillStyle = r.valueInside ? "#ffffff" : r.over ? COLORS.over : COLORS.text;
+    ctx.fillText(r.valueText, r.valueX, cy);
+  }
+}
+
+// Draw the probe's picture with its top at y (a LiteGraph custom widget's draw()).
+function drawChart(ctx, node, width, y) {
+  const data = estimateOf(node);
+  const lay = layoutChart(data, width, !!node.properties?.[SHOW_REPORT_KEY]);
+  ctx.save();
+  ctx.translate(0, y);
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "left";
+  // Verdict pill, the device and run lines.
+  const style = verdictStyle(data?.verdict);
+  roundRect(ctx, 8, 2, lay.width - 16, lay.pillHeight, 5);
+  ctx.fillStyle = style.bg;
+  ctx.fill();
+  ctx.fillStyle = style.fg;
+  ctx.font = "bold 12px sans-serif";
+  lay.verdict.forEach((line, i) => ctx.fillText(`${i === 0 ? style.icon : " "} ${line}`, 14, 13 + i * 16));
+  ctx.font = "11px sans-serif";
+  ctx.fillStyle = COLORS.dim;
+  lay.subtitle.forEach((line, i) => ctx.fillText(line, 10, lay.deviceY + i * 14));
+  if (lay.empty) {
+    ctx.fillStyle = COLORS.text;
+    lay.hint.forEach((line, i) => ctx.fillText(line, 10, lay.hintY + 7 + i * 15));
+  } else {
+    drawBars(ctx, lay);
+    drawLegend(ctx, data, lay);
+  }
   if (lay.report.length) {
     ctx.font = "10px monospace";
     ctx.fillStyle = COLORS.text;
+    ctx.textAlign = "left";
     lay.report.forEach((line, i) => ctx.fillText(line, lay.labelX, lay.reportY + 6 + i * 12));
   }
   ctx.restore();
@@ -232,15 +264,91 @@ function recordChange() {
   }
 }
 
+// The node's height for its widgets at its width; the width only grows (to MIN_WIDTH, and to the report's longest
+// line while the report shows). Hiding the report puts back the size the node had before it was shown.
 function fitNode(node) {
-  const needed = node.computeSize?.() ?? node.size;
   let width = Math.max(node.size[0], MIN_WIDTH);
-  if (node.properties?.[SHOW_REPORT_KEY] && estimateOf(node)?.text) {
-    const longest = Math.max(...String(estimateOf(node).text).split("\n").map((l) => l.length));
+  const text = estimateOf(node)?.text;
+  if (node.properties?.[SHOW_REPORT_KEY] && text) {
+    const longest = Math.max(...String(text).split("\n").map((l) => l.length));
     width = Math.max(width, Math.min(1400, 20 + longest * 6.1));
   }
+  node.setSize?.([width, node.size[1]]); // the chart lays itself out at the node's width
+  const needed = node.computeSize?.() ?? node.size;
   node.setSize?.([width, needed[1]]);
   app.graph?.setDirtyCanvas?.(true, true);
+}
+
+function toggleReport(node, button) {
+  const show = !node.properties[SHOW_REPORT_KEY];
+  if (show) node.properties[SIZE_BEFORE_REPORT_KEY] = [...node.size];
+  node.properties[SHOW_REPORT_KEY] = show;
+  button.name = show ? "hide full report" : "show full report";
+  button.label = button.name;
+  const before = node.properties[SIZE_BEFORE_REPORT_KEY];
+  const restore = !show && Array.isArray(before) && before.length === 2;
+  if (restore) {
+    delete node.properties[SIZE_BEFORE_REPORT_KEY];
+    node.setSize?.([before[0], before[1]]);
+  }
+  fitNode(node);
+  if (restore && before[1] > node.size[1]) node.setSize?.([node.size[0], before[1]]);
+  recordChange();
+}
+
+// Copy text to the clipboard: the async Clipboard API where the page may use it, else a selected textarea and
+// execCommand("copy") (plain http on another host, older browsers). Resolves to the way that worked, or null.
+async function copyText(text) {
+  try {
+    if (navigator.clipboard?.writeText) {
+      await navigator.clipboard.writeText(text);
+      return "clipboard";
+    }
+  } catch (err) {
+    console.debug("noflash: clipboard API refused, trying the fallback", err);
+  }
+  const area = document.createElement("textarea");
+  area.value = text;
+  area.setAttribute("readonly", "");
+  area.style.cssText = "position:fixed;left:-9999px;top:0;opacity:0;";
+  document.body.appendChild(area);
+  area.select();
+  let ok = false;
+  try {
+    ok = document.execCommand("copy");
+  } catch (err) {
+    console.debug("noflash: execCommand copy failed", err);
+  }
+  area.remove();
+  return ok ? "execCommand" : null;
+}
+
+function toast(severity, summary, detail) {
+  try {
+    app.extensionManager?.toast?.add?.({ severity, summary, detail, life: 2500 });
+  } catch (err) {
+    console.debug("noflash:", summary, detail, err);
+  }
+}
+
+async function copyReport(node) {
+  const text = estimateOf(node)?.text;
+  if (!text) {
+    toast("warn", "NoFlash VRAM Probe", "No report yet: queue the probe first.");
+    return null;
+  }
+  const how = await copyText(text);
+  node.noflashLastCopy = how ? text : null; // for tests and other extensions
+  if (how) toast("success", "NoFlash VRAM Probe", "Report copied to the clipboard.");
+  else toast("error", "NoFlash VRAM Probe", "The browser refused the copy; use the node's report output.");
+  return how;
+}
+
+function addButton(node, name, callback) {
+  const button = node.addWidget("button", name, null, callback);
+  button.serialize = false;
+  button.options = { ...(button.options ?? {}), serialize: false };
+  return button;
 }
 
 function setupProbe(node) {
@@ -254,20 +362,22 @@ function setupProbe(node) {
     draw(ctx, n, width, y) {
       drawChart(ctx, n, width, y);
     },
-    computeSize(width) {
-      return [width ?? node.size[0], chartHeight(node, width)];
+    computeSize() {
+      // LiteGraph asks with its minimum width; the chart is drawn (and wraps) at the node's width.
+      const width = Math.max(node.size?.[0] ?? MIN_WIDTH, MIN_WIDTH);
+      return [width, chartHeight(node, width)];
     },
   };
   node.addCustomWidget(chart);
-  const button = node.addWidget("button", "show full report", null, () => {
-    node.properties[SHOW_REPORT_KEY] = !node.properties[SHOW_REPORT_KEY];
-    button.name = node.properties[SHOW_REPORT_KEY] ? "hide full report" : "show full report";
-    button.label = button.name;
-    fitNode(node);
-    recordChange();
-  });
-  button.serialize = false;
-  button.options = { ...(button.options ?? {}), serialize: false };
+  const button = addButton(node, "show full report", () => toggleReport(node, button));
+  addButton(node, "copy report", () => copyReport(node));
+
+  const getExtraMenuOptions = node.getExtraMenuOptions;
+  node.getExtraMenuOptions = function (canvas, options) {
+    const result = getExtraMenuOptions?.apply(this, arguments);
+    options?.push?.({ content: "Copy NoFlash report", callback: () => copyReport(node) });
+    return result;
+  };
 
   const onExecuted = node.onExecuted;
   node.onExecuted = function (output) {
@@ -310,14 +420,16 @@ app.registerExtension({
 
   async setup() {
     api.addEventListener(STATUS_EVENT, (event) => onStatus(event.detail));
+    trackQueuedPrompts();
     await loadHistory();
   },
 
   nodeCreated(node) {
     const type = node.comfyClass ?? node.type;
-    if (!isNoflashNode(type)) return;
-    node.badges = node.badges ?? [];
-    node.badges.push(() => badgeFor(node));
+    if (isProducerNode(type)) {
+      node.badges = node.badges ?? [];
+      node.badges.push(() => badgeFor(node));
+    }
     if (type === "NoFlashVRAMProbe") setupProbe(node);
   },
 });

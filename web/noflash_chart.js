@@ -11,6 +11,10 @@ export const CHART = Object.freeze({
   pad: 10,
   verdictLineHeight: 16,
   verdictCharWidth: 6.7,
+  subtitleLineHeight: 14,
+  smallCharWidth: 5.8, // 11px sans-serif, generous: device line, labels
+  valueCharWidth: 6.2, // 11px sans-serif digits and units
+  hintLineHeight: 15,
   captionHeight: 16,
   rowHeight: 17,
   groupGap: 8,
@@ -94,20 +98,25 @@ export function wrapText(text, maxChars, maxLines = 2) {
   return kept;
 }
 
-// Geometry for a node `width` pixels wide. Report lines are laid out only when showReport is set.
-export function layoutChart(data, width, showReport = false) {
-  const w = Math.max(200, width || 0);
-  const rows = chartRows(data);
-  const labelW = Math.round((w - 2 * CHART.pad) * CHART.labelShare);
-  const x0 = CHART.pad + labelW + 6;
-  const barArea = Math.max(40, w - CHART.pad - x0 - 62);
-  const scale = chartScale(data);
-  const verdict = wrapText(verdictLine(data), Math.floor((w - 40) / CHART.verdictCharWidth), 2);
-  const pillHeight = 8 + verdict.length * CHART.verdictLineHeight;
-  const deviceY = pillHeight + 12;
-  let y = deviceY + 14;
+// Where a bar's value label goes: after the bar, unless it would cross the VRAM line (then just past the line), or
+// run off the chart (then inside the bar's end, drawn light on the bar).
+export function placeValue(row, vramX, width, textW) {
+  const after = row.x + row.w + 4;
+  const right = width - 4;
+  let x = after;
+  if (vramX !== null && vramX >= after - 3 && vramX <= after + textW + 3) x = vramX + 5;
+  if (x + textW > right) return { valueX: Math.max(row.x + 2, row.x + row.w - 4 - textW), valueInside: true };
+  return { valueX: x, valueInside: false };
+}
+
+const EMPTY_HINT = "Pick a model family (or connect a MODEL), choose the card in \u201cdevice\u201d and queue: " +
+  "one bar per part of the run appears here, against the card's VRAM.";
+
+function barRows(data, rows, geometry, y0) {
+  const { x0, barArea, scale } = geometry;
   const out = [];
   const captions = [];
+  let y = y0;
   for (const r of rows) {
     if (r.gapBefore) y += CHART.groupGap;
     if (r.group === "total" && !captions.length) {
@@ -117,27 +126,55 @@ export function layoutChart(data, width, showReport = false) {
     const frac = (r.bytes || 0) / scale;
     const clipped = frac > 1;
     out.push({
-      label: r.label,
-      name: r.name,
-      y,
-      x: x0,
+      label: r.label, name: r.name, y, x: x0,
       w: Math.max(1, Math.round(Math.min(1, frac) * barArea)),
-      clipped,
-      color: barColor(r),
-      valueText: formatBytes(r.bytes),
+      clipped, color: barColor(r), valueText: `${clipped ? "\u00bb " : ""}${formatBytes(r.bytes)}`,
       over: data.vram_bytes ? r.kind === "total" && r.bytes > data.vram_bytes : false,
-      kind: r.kind,
-      fits: r.fits,
+      kind: r.kind, fits: r.fits,
     });
     y += CHART.rowHeight;
   }
-  const vramX = data?.vram_bytes ? x0 + Math.round((data.vram_bytes / scale) * barArea) : null;
-  const barsBottom = y;
-  y += CHART.footerHeight;
+  return { rows: out, captions, bottom: y };
+}
+
+// Geometry for a node `width` pixels wide. Report lines are laid out only when showReport is set. Without bars
+// (no estimate yet, or nothing to estimate from) the layout is the empty state: the verdict pill and a hint.
+export function layoutChart(data, width, showReport = false) {
+  const w = Math.max(200, width || 0);
+  const rows = chartRows(data);
+  const labelW = Math.round((w - 2 * CHART.pad) * CHART.labelShare);
+  const x0 = CHART.pad + labelW + 6;
+  const barArea = Math.max(40, w - CHART.pad - x0 - 62);
+  const scale = chartScale(data);
+  const verdict = wrapText(verdictLine(data), Math.floor((w - 40) / CHART.verdictCharWidth), 2);
+  const pillHeight = 8 + verdict.length * CHART.verdictLineHeight;
+  const subtitle = wrapText(subtitleLine(data), Math.floor((w - 2 * CHART.pad) / CHART.smallCharWidth), 2);
+  const deviceY = pillHeight + 12;
+  const top = deviceY + subtitle.length * CHART.subtitleLineHeight + (subtitle.length ? 0 : -8);
   const report = showReport && data?.text ? String(data.text).split("\n") : [];
+  const base = { width: w, labelX: CHART.pad, labelW, barX: x0, barArea, scale, verdict, pillHeight, deviceY,
+                 subtitle, report };
+  if (!rows.length) {
+    const hint = wrapText(EMPTY_HINT, Math.floor((w - 2 * CHART.pad) / CHART.smallCharWidth), 3);
+    const hintY = top + 6;
+    const y = hintY + hint.length * CHART.hintLineHeight + 4;
+    const height = y + report.length * CHART.reportLineHeight + (report.length ? CHART.pad : 0);
+    return { ...base, empty: true, hint, hintY, rows: [], captions: [], vramX: null, barsBottom: y, footerY: null,
+             reportY: y, height };
+  }
+  const bars = barRows(data, rows, { x0, barArea, scale }, top);
+  const vramX = data?.vram_bytes ? x0 + Math.round((data.vram_bytes / scale) * barArea) : null;
+  for (const r of bars.rows) Object.assign(r, placeValue(r, vramX, w, r.valueText.length * CHART.valueCharWidth));
+  const y = bars.bottom + CHART.footerHeight;
   const height = y + report.length * CHART.reportLineHeight + (report.length ? CHART.pad : 0);
-  return { width: w, height, labelX: CHART.pad, labelW, barX: x0, barArea, scale, rows: out, vramX, barsBottom,
-           footerY: barsBottom + 4, report, reportY: y, verdict, pillHeight, deviceY, captions };
+  return { ...base, empty: false, hint: [], rows: bars.rows, captions: bars.captions, vramX, barsBottom: bars.bottom,
+           footerY: bars.bottom + 4, reportY: y, height };
+}
+
+// The line under the verdict: the card and the run ("gfx1030 · 16.0 GiB · profile, simulated · Wan 2.2 ..."); only
+// the parts there are, so no stray separator.
+export function subtitleLine(data) {
+  return [deviceLine(data), isEstimate(data) ? data.title : ""].filter(Boolean).join(" \u00b7 ");
 }
 
 // The one-line verdict shown at the top (the full advice is in the report).

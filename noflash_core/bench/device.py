@@ -11,29 +11,15 @@ from typing import Dict, Optional
 import torch
 
 from ..device import device_profile
+from ..device_memory import allocated_bytes, has_peak_counter, read_peak, reset_peak, synchronize
 
 __all__ = ["PeakMemory", "describe_machine", "load_average", "synchronize"]
-
-# Devices whose caching allocator keeps a peak counter we can reset.
-_ALLOCATOR_PEAK = ("cuda", "xpu")
-
-
-def _backend(device: torch.device):
-    """``torch.cuda`` / ``torch.xpu`` / ``torch.mps`` for a device, or None on CPU."""
-    return getattr(torch, device.type, None) if device.type != "cpu" else None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued work on ``device`` (no-op on CPU)."""
-    backend = _backend(device)
-    if backend is not None and hasattr(backend, "synchronize"):
-        backend.synchronize()
 
 
 class PeakMemory:
     """Peak bytes allocated inside the context, above what was allocated on entry.
 
-    CUDA/ROCm and XPU use the caching allocator's ``max_memory_allocated``; every other device (CPU, MPS) uses
+    CUDA/ROCm/ZLUDA and XPU use the caching allocator's ``max_memory_allocated``; every other device (CPU, MPS) uses
     :class:`~noflash_core.memory.tracker.LiveBytesTracker`, which counts tensor storages exactly (including
     those allocated inside custom ops).
 
@@ -44,17 +30,16 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.method = "allocator" if device.type in _ALLOCATOR_PEAK else "tracker"
+        self.method = "allocator" if has_peak_counter(device) else "tracker"
         self.peak_bytes = 0
         self._tracker = None
         self._base = 0
 
     def __enter__(self) -> PeakMemory:
         if self.method == "allocator":
-            backend = _backend(self.device)
             synchronize(self.device)
-            backend.reset_peak_memory_stats(self.device)
-            self._base = backend.memory_allocated(self.device)
+            reset_peak(self.device)
+            self._base = allocated_bytes(self.device)
         else:
             from ..memory.tracker import LiveBytesTracker
 
@@ -64,9 +49,8 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.method == "allocator":
-            backend = _backend(self.device)
             synchronize(self.device)
-            self.peak_bytes = int(backend.max_memory_allocated(self.device) - self._base)
+            self.peak_bytes = int(read_peak(self.device)[0] - self._base)
         else:
             self._tracker.__exit__(*exc)
             self.peak_bytes = int(self._tracker.peak_bytes)
@@ -106,6 +90,7 @@ def describe_machine(device: torch.device) -> Dict[str, object]:
     if device.type != "cpu":
         profile = device_profile(device)
         info["gpu"] = profile.description
+        info["gpu_kind"] = profile.kind  # "zluda" for an AMD card under ZLUDA (torch sees CUDA)
         info["gpu_total_bytes"] = profile.total_bytes
         if profile.arch:
             info["gpu_arch"] = profile.arch

@@ -1,6 +1,6 @@
 """The VRAM Probe's estimate inside ComfyUI: which text encoders a connected CLIP holds, and the probe's text.
 
-The estimate itself is :func:`noflash_core.video.estimator.estimate_run`, the same call the CLI makes, so the node
+The estimate itself is :func:`noflash_core.vram.estimate_run`, the same call the CLI makes, so the node
 and ``python -m noflash_core.video`` give the same numbers for the same inputs. Nothing here imports ComfyUI.
 """
 

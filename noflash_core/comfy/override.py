@@ -16,6 +16,21 @@ Call forms (``b`` batch, ``h`` heads, ``d``/``dv`` head dims, ``n_q``/``n_k`` to
     - Output ``(b, n_q, h*dv)``, or ``(b, h, n_q, dv)`` when ``skip_output_reshape``; always in q's dtype.
     - ``heads`` and ``mask`` positional (4th, 5th) or keyword, as in ComfyUI's signature
       ``(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False)``.
+    - ComfyUI 0.33+ keywords, read from ``kwargs`` as its ``attention_pytorch``/``attention_basic`` read them:
+      ``scale=`` (the softmax scale; default ``d ** -0.5``) and ``enable_gqa=True`` (grouped-query attention:
+      k and v carry ``h_kv`` heads, ``h % h_kv == 0``). In the ``(b, n, h*d)`` layout ComfyUI derives
+      ``h_kv = k.shape[-1] // d`` with ``d = q.shape[-1] // heads`` (``_reshape_qkv_to_heads``); so does this
+      override. k and v go to the dispatcher at their own head count with ``enable_gqa=True``: they are never
+      repeated to ``h`` heads (ComfyUI's ``repeat_kv_for_gqa`` copy is what noflash saves).
+      ``low_precision_attention=`` is ignored: noflash is exact.
+    - q/k/v wrapped in ComfyUI 0.33's ``AttentionTensorContainer``: ``wrap_attn`` unwraps them before it calls the
+      override (the override has no ``container_function``). A container function would save nothing: the tiles
+      read q, k and v until the last block, and the wrapper's argument tuple holds them exactly that long; and
+      ``wrap_attn`` calls a container function without ComfyUI's ``func``, so calls the override does not compute
+      could not be sent on.
+
+Any call form the override does not understand (a layout ComfyUI does not define, head counts that do not
+divide) goes to ComfyUI's own function unchanged, which computes it or raises its own error.
 
 Masks mean what ComfyUI's ``attention_pytorch`` makes of them: a 2-D ``(Lq, Lk)`` mask becomes ``(1, 1, Lq, Lk)``,
 a 3-D ``(b, Lq|1, Lk)`` mask gets a heads axis ``(b, 1, Lq|1, Lk)``, 4-D stays; then SDPA broadcasting applies.
@@ -36,6 +51,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from ..telemetry import CallRecord
+from .memory import FreeMemory, comfy_budget_bytes
 
 __all__ = [
     "OverrideConfig",
@@ -44,6 +60,7 @@ __all__ = [
     "override_config",
     "override_previous",
     "override_recorder",
+    "override_name",
     "rebuild_override",
     "normalize_comfy_mask",
 ]
@@ -103,6 +120,8 @@ class _Call:
     mask: Optional[torch.Tensor]
     skip_reshape: bool
     skip_output_reshape: bool
+    scale: Optional[float] = None
+    enable_gqa: bool = False
 
 
 def _bind_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> _Call:
@@ -122,6 +141,8 @@ def _bind_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> _Call:
         mask=named.get("mask"),
         skip_reshape=bool(named.get("skip_reshape", False)),
         skip_output_reshape=bool(named.get("skip_output_reshape", False)),
+        scale=kwargs.get("scale"),
+        enable_gqa=bool(kwargs.get("enable_gqa", False)),
     )
 
 
@@ -136,20 +157,51 @@ def _unflatten_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
 
 
+def _gqa_heads(hq: int, hk: int, hv: int) -> bool:
+    """Whether k/v head counts form a grouped-query call ComfyUI accepts (``comfy.ops.gqa_repeat_factor``)."""
+    return hk > 0 and hk == hv and hq % hk == 0
+
+
+def _skip_reshape_qkv(call: _Call) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The ``skip_reshape`` layout ``(b, h, n, d)``; with ``enable_gqa`` k and v keep their ``h_kv`` heads."""
+    q, k, v = call.q, call.k, call.v
+    if not q.dim() == k.dim() == v.dim() == 4:
+        return None
+    if call.enable_gqa and not _gqa_heads(q.shape[1], k.shape[1], v.shape[1]):
+        return None
+    return q, k, v
+
+
+def _kv_heads(call: _Call, dim_head: int) -> Optional[Tuple[int, int]]:
+    """Heads of k and v in the ``(b, n, h*d)`` layout; None when ComfyUI's own reshape would not read them."""
+    k, v, heads = call.k, call.v, call.heads
+    if call.enable_gqa:
+        # ComfyUI 0.33 ``_reshape_qkv_to_heads``: h_kv = width // dim_head, with dim_head taken from q.
+        if k.dim() != 3 or v.dim() != 3 or k.shape[-1] % dim_head or v.shape[-1] % dim_head:
+            return None
+        hk, hv = k.shape[-1] // dim_head, v.shape[-1] // dim_head
+        return (hk, hv) if _gqa_heads(heads, hk, hv) else None
+    if k.shape[2:].numel() != heads * dim_head or v.shape[2:].numel() % heads:
+        return None  # k must match q's head dim; v may have its own (h * dv)
+    return heads, heads
+
+
 def _to_bhnd(call: _Call) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """q, k, v as ``(b, h, n, d)``; None when the call's layout is not one ComfyUI defines."""
+    """q, k, v as ``(b, h, n, d)`` (k, v with ``h_kv`` heads under GQA); None when the layout is not ComfyUI's."""
     q, k, v = call.q, call.k, call.v
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return None
     if call.skip_reshape:
-        return (q, k, v) if q.dim() == k.dim() == v.dim() == 4 else None
+        return _skip_reshape_qkv(call)
     heads = call.heads
-    if heads is None or heads <= 0 or q.dim() != 3 or min(k.dim(), v.dim()) < 3:
+    if heads is None or heads <= 0 or q.dim() != 3 or min(k.dim(), v.dim()) < 3 or q.shape[-1] % heads:
         return None
-    widths = [q.shape[-1]] + [t.shape[2:].numel() for t in (k, v)]
-    if any(w % heads for w in widths) or q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
+    if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
         return None
-    return _unflatten_heads(q, heads), _unflatten_heads(k, heads), _unflatten_heads(v, heads)
+    kv_heads = _kv_heads(call, q.shape[-1] // heads)
+    if kv_heads is None:
+        return None
+    return _unflatten_heads(q, heads), _unflatten_heads(k, kv_heads[0]), _unflatten_heads(v, kv_heads[1])
 
 
 def normalize_comfy_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -189,22 +241,38 @@ def _shape_of(t: Any) -> Tuple[int, ...]:
 
 def _warn_unknown_form(call: _Call) -> None:
     """Log once per call form that the override did not understand (it then runs ComfyUI's own attention)."""
-    form = (_shape_of(call.q)[1:], _shape_of(call.k)[1:], _shape_of(call.v)[1:], call.heads, call.skip_reshape)
+    form = (_shape_of(call.q)[1:], _shape_of(call.k)[1:], _shape_of(call.v)[1:], call.heads, call.skip_reshape,
+            call.enable_gqa)
     if form not in _warned_forms:
         _warned_forms.add(form)
         logger.warning(
-            "noflash: attention call not understood (q %s, k %s, v %s, heads=%s, skip_reshape=%s); "
+            "noflash: attention call not understood (q %s, k %s, v %s, heads=%s, skip_reshape=%s, enable_gqa=%s); "
             "ComfyUI's own attention runs it", *(_shape_of(t) for t in (call.q, call.k, call.v)), call.heads,
-            call.skip_reshape,
+            call.skip_reshape, call.enable_gqa,
         )
 
 
-def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, config: OverrideConfig):
-    """The dispatcher on ``(b, h, n, d)`` tensors: ``(output, plan that ran)``."""
+def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, call: _Call, config: OverrideConfig,
+              budget_bytes: Optional[int]):
+    """The dispatcher on ``(b, h, n, d)`` tensors (k, v at their own head count): ``(output, plan that ran)``."""
     from ..sdpa import _attention
 
-    return _attention(q, k, v, mask, tier=config.tier, block_m=config.block_m, block_n=config.block_n,
-                      budget_bytes=config.budget_bytes)
+    return _attention(q, k, v, mask, scale=call.scale, enable_gqa=call.enable_gqa, tier=config.tier,
+                      block_m=config.block_m, block_n=config.block_n, budget_bytes=budget_bytes)
+
+
+def _run_tiles(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: OverrideConfig,
+               free_memory: Optional[FreeMemory]):
+    """Compute a call with noflash: ``(output in ComfyUI's layout and q's dtype, plan that ran)``."""
+    mask = normalize_comfy_mask(call.mask, q.dtype)
+    budget = config.budget_bytes
+    if budget is None:
+        budget = comfy_budget_bytes(q.device, free_memory)
+    out, plan = _dispatch(q, k, v, mask, call, config, budget)
+    out = out.to(q.dtype)  # under autocast the dispatcher computes in the autocast dtype
+    if not call.skip_output_reshape:
+        out = _merge_heads(out)
+    return out, plan
 
 
 def make_attention_override(
@@ -212,6 +280,7 @@ def make_attention_override(
     *,
     previous: Optional[Override] = None,
     recorder: Optional[Recorder] = None,
+    free_memory: Optional[FreeMemory] = None,
 ) -> Override:
     """Build an ``optimized_attention_override`` for ComfyUI.
 
@@ -221,10 +290,15 @@ def make_attention_override(
             ``previous(func, *args, **kwargs)`` instead of ``func(*args, **kwargs)``.
         recorder: called with a :class:`~noflash_core.telemetry.CallRecord` after every call; for calls the
             tiles computed, the tier and blocks are the plan the dispatcher returned.
+        free_memory: ``free_memory(device) -> bytes``, ComfyUI's own free-memory reading (0.33's
+            ``ModelPatcher.get_free_memory``, which counts what comfy-aimdo's dynamic VRAM can give back); when
+            ``config.budget_bytes`` is None the budget is a share of it (:func:`~.memory.comfy_budget_bytes`).
 
     Returns:
-        ``override(func, *args, **kwargs) -> Tensor``. It carries ``noflash_config``, ``noflash_previous`` and
-        ``noflash_recorder`` attributes so a later node can rebuild it (:func:`rebuild_override`).
+        ``override(func, *args, **kwargs) -> Tensor``. It carries ``noflash_config``, ``noflash_previous``,
+        ``noflash_recorder`` and ``noflash_free_memory`` attributes so a later node can rebuild it
+        (:func:`rebuild_override`), and ``memory_efficient`` (True when enabled) for ComfyUI versions that read it
+        (0.3.64 and 0.33 do not; :mod:`~noflash_core.comfy.memory` covers those).
     """
     config = OverrideConfig() if config is None else config
 
@@ -256,17 +330,15 @@ def make_attention_override(
             out = send_on(func, args, kwargs)
             record("comfy", 0, (0, 0), q, k, reason)
             return out
-        mask = normalize_comfy_mask(call.mask, q.dtype)
-        out, plan = _dispatch(q, k, v, mask, config)
-        out = out.to(q.dtype)  # under autocast the dispatcher computes in the autocast dtype
-        if not call.skip_output_reshape:
-            out = _merge_heads(out)
+        out, plan = _run_tiles(call, q, k, v, config, free_memory)
         record("noflash", plan.tier, (plan.block_m, plan.block_n), q, k, plan.reason)
         return out
 
     noflash_attention_override.noflash_config = config
     noflash_attention_override.noflash_previous = previous
     noflash_attention_override.noflash_recorder = recorder
+    noflash_attention_override.noflash_free_memory = free_memory
+    noflash_attention_override.memory_efficient = config.enabled
     return noflash_attention_override
 
 
@@ -296,5 +368,27 @@ def rebuild_override(fn: Override, **changes: Any) -> Override:
         raise ValueError("rebuild_override needs an override made by make_attention_override")
     config = dataclasses.replace(fn.noflash_config, **changes)
     return make_attention_override(
-        config, previous=fn.noflash_previous, recorder=fn.noflash_recorder
+        config, previous=fn.noflash_previous, recorder=fn.noflash_recorder,
+        free_memory=getattr(fn, "noflash_free_memory", None),
     )
+
+
+def override_name(fn: Any) -> str:
+    """A short name for an attention override, for logs and the status badge.
+
+    ComfyUI's ``set_model_optimized_attention`` (the ``ModelAttentionBackend`` node) wraps the attention function
+    it was given in a closure: that function's name is returned (e.g. ``"attention_pytorch"``). Otherwise the
+    override's own qualified name; ``"none"`` for None.
+    """
+    if fn is None:
+        return "none"
+    if is_noflash_override(fn):
+        return "noflash"
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(inner) and getattr(inner, "__name__", "").startswith("attention"):
+            return inner.__name__
+    return getattr(fn, "__qualname__", None) or type(fn).__name__

@@ -7,7 +7,8 @@ work as they do for ``noflash_core.auto``. The per-model Attention Patcher node 
 run ComfyUI's sub-quadratic or split attention; the global patch does not.
 
 :func:`run_startup` logs exactly one line with the pack version, the decision and why, for example
-``noflash 0.1.0: global SDPA patch enabled: NOFLASH_FORCE_PATCH is set (threshold 1024)``.
+``noflash 0.1.0: global SDPA patch enabled: no fused SDPA kernel on cuda:0 (gfx1030)``; with ``NOFLASH_THRESHOLD``
+set it adds what that does: ``(calls with under 1024 key tokens keep torch's SDPA)``.
 """
 
 from __future__ import annotations

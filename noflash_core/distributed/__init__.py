@@ -11,9 +11,9 @@ output of full-sequence attention; forward and backward are exact.
 * :func:`ulysses_attention`: DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509). ``all_to_all`` from sequence
   shards to head shards, local noflash attention, and back. Head counts must divide by ``P``.
 
-Both work on any backend (NCCL/RCCL on GPUs, gloo on CPU) and check every rank's arguments with one small
-``all_gather`` first, so bad input raises the same error on every rank instead of hanging. Importing this package
-does not touch ``torch.distributed``.
+Both work on any backend (NCCL/RCCL on Linux GPUs; gloo on CPU, and on Windows, which has no NCCL) and check
+every rank's arguments with one small ``all_gather`` first, so bad input raises the same error on every rank
+instead of hanging. Importing this package does not touch ``torch.distributed``.
 """
 
 from .ring import merge_partials, ring_attention

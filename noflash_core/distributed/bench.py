@@ -8,6 +8,10 @@ and/or ``ulysses_attention`` (forward, optionally backward), and reports its tim
 ``--repeat``), its peak memory above its input shards (``torch.cuda.max_memory_allocated`` on GPUs; the live-bytes
 tracker on CPU), the size of those shards, and the bytes it sends per call, from the formulas in
 :func:`sent_bytes`. ``--check`` compares with full-sequence math SDPA (small N only).
+
+Windows: PyTorch's Windows builds have no NCCL (nor do ZLUDA or ROCm-on-Windows), so only gloo works there: ranks
+started by ``torchrun`` fall back to gloo and compute on the CPU, and ``--spawn P`` (gloo, a file rendezvous in a
+temporary directory) runs as on Linux.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import os
+import pathlib
 import statistics
 import tempfile
 import time
@@ -142,9 +147,10 @@ def _run_mode(fn, args, device, dtype, rank: int, p: int) -> Dict[str, float]:
 def _rank_main(rank: Optional[int], p: Optional[int], args, init_file: Optional[str] = None) -> None:
     if init_file is not None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // p))  # P processes share the cores
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=p)
+        # as_uri: file:///C:/... on Windows (a bare "file://" + path is not a valid URI there)
+        dist.init_process_group("gloo", init_method=pathlib.Path(init_file).as_uri(), rank=rank, world_size=p)
     elif not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"  # Windows: gloo
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)

@@ -122,6 +122,7 @@ class ChunkedForward:
         info: the FFN shape used for sizing chunks and the tolerance.
         passthrough: set once verification failed; every later call runs unchunked.
         chunked_calls: calls that ran in chunks (for tests and diagnostics).
+        last_split: ``(tokens, tokens per chunk)`` of the last chunked call (the FFN Chunker's badge reads it).
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class ChunkedForward:
         self.passthrough = False
         self.failure: Optional[str] = None
         self.chunked_calls = 0
+        self.last_split: Optional[Tuple[int, int]] = None
         self._verified: set = set()
         self._stochastic = [m for m in module.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU))]
 
@@ -194,6 +196,7 @@ class ChunkedForward:
         """
         n_tokens = x.shape[dim]
         self.chunked_calls += 1
+        self.last_split = (n_tokens, chunk)
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.module.parameters())
         )

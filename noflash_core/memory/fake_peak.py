@@ -19,16 +19,23 @@ prediction is the maximum of the fitted sites, and a fifth run at a larger size 
 site matters: a forward phase that dominates at small sizes can be overtaken by a backward phase at the
 real size, which a single affine fit of the overall peak would miss. When the check fails the prediction
 falls back to a direct fake run, or is reported as unverified when that would be too slow.
+
+Grad mode: every fake run happens under :func:`plain_grad_mode`, whatever mode the caller is in. Under
+``torch.inference_mode()`` (how ComfyUI runs every node) the dispatcher skips the autograd keys, and a
+``CompositeImplicitAutograd`` op such as ``aten.scaled_dot_product_attention`` then reaches the tracker's dispatch
+mode whole: the fake mode below it decomposes it out of the tracker's sight, so the math backend's ``(L, S)``
+score tensors were never counted (160 MiB instead of 66.7 GiB for Wan 2.2 5B at 1280x704x121).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -39,6 +46,7 @@ __all__ = [
     "FakePeak",
     "fake_peak_bytes",
     "math_sdpa",
+    "plain_grad_mode",
     "predict_math_peak",
     "predict_plan_peak",
 ]
@@ -99,6 +107,27 @@ class FakePeak:
     check_error: Optional[float] = None
     verified: bool = True
     runs: int = 1
+
+
+# ---------------------------------------------------------------------------------------------- grad mode
+
+
+@contextlib.contextmanager
+def plain_grad_mode(requires_grad: bool = False) -> Iterator[None]:
+    """Run the enclosed code as a plain process would, whatever the caller's grad mode.
+
+    Leaves ``torch.inference_mode()`` (``inference_mode(False)``), then enables or disables grad. Outside
+    inference mode the dispatcher runs every ``CompositeImplicitAutograd`` op's decomposition at the autograd key,
+    above any dispatch mode, so the live-bytes tracker sees the ops that allocate (math SDPA's ``bmm`` and
+    ``softmax`` outputs, ``linear``'s ``mm``), as in a plain process. Inside inference mode it would see the
+    composite op whole and miss its intermediates. Tensors made inside are normal tensors; none made outside are
+    needed (the fake runs make their own inputs).
+
+    Args:
+        requires_grad: enable grad (for fake runs that include the backward) instead of disabling it.
+    """
+    with torch.inference_mode(False), (torch.enable_grad() if requires_grad else torch.no_grad()):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- tracking
@@ -176,8 +205,7 @@ def _fake_run(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     b, h, length, s, e, ev = shape.batch, shape.heads, shape.q_len, shape.kv_len, shape.head_dim, shape.ev
-    grad_ctx = torch.enable_grad() if requires_grad else torch.no_grad()
-    with FakeTensorMode(), grad_ctx:
+    with plain_grad_mode(requires_grad), FakeTensorMode():
         kw = {"dtype": dtype, "device": device}
         q = torch.empty(b, h, length, e, **kw).requires_grad_(requires_grad)
         k = torch.empty(b, h, s, e, **kw).requires_grad_(requires_grad)
@@ -278,6 +306,15 @@ def fake_peak_bytes(
     grid_s = (2 * bn, 3 * bn, 5 * bn) if s > 5 * bn else None
     if tiles <= max_direct_tiles or (grid_l is None and grid_s is None):
         return FakePeak(run(length, s)[0], "direct")
+    return _fitted_peak(run, fn, (length, s), grid_l, grid_s, tiles <= 16 * max_direct_tiles)
+
+
+def _fitted_peak(run: Callable[..., Tuple[int, Dict[Site, int]]], fn: AttentionFn, full: Tuple[int, int],
+                 grid_l: Optional[Tuple[int, int, int]], grid_s: Optional[Tuple[int, int, int]],
+                 small_enough: bool) -> FakePeak:
+    """Fit every call site on the grid's first two points per axis, check the fit at the third, extrapolate to
+    ``full = (L, S)``; a failed check falls back to a direct run when ``small_enough``, else is unverified."""
+    length, s = full
     ls = grid_l or (length,) * 3
     ss = grid_s or (s,) * 3
     grid = [(li, si) for li in (ls[:2] if grid_l else ls[:1]) for si in (ss[:2] if grid_s else ss[:1])]
@@ -291,7 +328,6 @@ def fake_peak_bytes(
         if error <= _CHECK_TOLERANCE:
             peak, site = _predict(fits, length, s)
             return FakePeak(int(round(peak)), "affine", fits[site], " < ".join(site), error, True, nruns)
-    small_enough = tiles <= 16 * max_direct_tiles
     logger.warning(
         "fake peak: fitted call sites are off by %s at L=%d S=%d for %s; %s",
         "?" if error is None else f"{100 * error:.2f}%",
@@ -328,7 +364,7 @@ def _full_size_plan(
 
     from ..planner import plan
 
-    with FakeTensorMode():
+    with plain_grad_mode(requires_grad), FakeTensorMode():
         kw = {"dtype": dtype, "device": device}
         q = torch.empty(shape.batch, shape.heads, shape.q_len, shape.head_dim, **kw)
         k = torch.empty(shape.batch, shape.heads, shape.kv_len, shape.head_dim, **kw)

@@ -1,6 +1,6 @@
 """VRAM Probe inside a real ComfyUI: its numbers equal the CLI's, its model of ComfyUI's attention is ComfyUI's.
 
-- The byte counts of ``noflash_core.video.comfy_attention`` (sub-quadratic, ``attention_basic``, VAE split
+- The byte counts of ``noflash_core.vram.comfy_attention`` (sub-quadratic, ``attention_basic``, VAE split
   attention) are checked against ComfyUI's own functions under the live-bytes tracker, exactly.
 - The VAE decoders' working memory in ``noflash_core.video.encoders`` is re-measured on ComfyUI's decoders.
 - The node's estimate for Wan 2.2 5B at 1280x704x121 and Flux at 1536x1536 is the CLI's, printed by a plain
@@ -65,7 +65,7 @@ SUB_QUAD = [
 def test_sub_quad_bytes_are_comfyuis(comfy, free_memory, b, h, L, S, d, skip, free, fake):
     import comfy.ldm.modules.attention as attention
 
-    ca = comfy.module("noflash_core.video.comfy_attention")
+    ca = comfy.module("noflash_core.vram.comfy_attention")
     free_memory["bytes"] = free
     dtype = torch.float16 if fake else torch.float32
     shapes = [(b, h, n, d) for n in (L, S, S)] if skip else [(b, n, h * d) for n in (L, S, S)]
@@ -88,7 +88,7 @@ BASIC = [
 def test_attention_basic_bytes_are_comfyuis(comfy, b, h, L, S, d, skip, mask, dtype):
     import comfy.ldm.modules.attention as attention
 
-    ca = comfy.module("noflash_core.video.comfy_attention")
+    ca = comfy.module("noflash_core.vram.comfy_attention")
     shapes = [(b, h, n, d) for n in (L, S, S)] if skip else [(b, n, h * d) for n in (L, S, S)]
     mask_shape = {"LL": (L, S), "1hLL": (1, h, L, S), "b1LL": (b, 1, L, S), "bhLL": (b, h, L, S)}[mask]
 
@@ -109,7 +109,7 @@ def test_attention_basic_bytes_are_comfyuis(comfy, b, h, L, S, d, skip, mask, dt
 def test_vae_split_bytes_are_comfyuis(comfy, free_memory, c, n, free, dtype):
     from comfy.ldm.modules.diffusionmodules.model import normal_attention
 
-    ca = comfy.module("noflash_core.video.comfy_attention")
+    ca = comfy.module("noflash_core.vram.comfy_attention")
     free_memory["bytes"] = free
     side = int(n**0.5)
     measured = _peak(normal_attention, [(1, c, side, side)] * 3, dtype)

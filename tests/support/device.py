@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import pytest
 import torch
 
+from noflash_core import device_memory
 from noflash_core.memory.tracker import LiveBytesTracker
 
 __all__ = [
@@ -75,18 +76,7 @@ def skip_unless_supported(dtype: torch.dtype, device: Optional[torch.device] = N
 
 
 def synchronize(device: Optional[torch.device] = None) -> None:
-    device = device or DEVICE
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
-        backend.synchronize()
-
-
-def _allocator_stats(device: torch.device):
-    """``torch.cuda`` / ``torch.xpu`` when that backend keeps peak statistics, else None (CPU, MPS)."""
-    backend = getattr(torch, device.type, None)
-    if device.type in ("cuda", "xpu") and hasattr(backend, "max_memory_allocated"):
-        return backend
-    return None
+    device_memory.synchronize(device or DEVICE)
 
 
 _warmed: set = set()
@@ -123,17 +113,17 @@ class Peak:
 def measure_peak(device: Optional[torch.device] = None) -> Iterator[Peak]:
     """Measure the peak memory of the ``with`` block with the tracker and, where it exists, the device allocator."""
     device = device or DEVICE
-    stats = _allocator_stats(device)
+    counted = device_memory.has_peak_counter(device)
     peak = Peak()
     base = 0
-    if stats is not None:
+    if counted:
         _warm_up(device)
-        base = stats.memory_allocated(device)
-        stats.reset_peak_memory_stats(device)
+        base = device_memory.allocated_bytes(device)
+        device_memory.reset_peak(device)
     with LiveBytesTracker() as tracker:
         yield peak
         synchronize(device)
         peak.live = tracker.live_bytes
     peak.tracker = tracker.peak_bytes
-    if stats is not None:
-        peak.device = stats.max_memory_allocated(device) - base
+    if counted:
+        peak.device = device_memory.read_peak(device)[0] - base

@@ -12,6 +12,8 @@ import {
   fitText,
   isEstimate,
   layoutChart,
+  placeValue,
+  subtitleLine,
   verdictLine,
   verdictStyle,
   wrapText,
@@ -91,4 +93,48 @@ test("the verdict wraps to at most two lines", () => {
   assert.equal(lay.captions.length, 1);
   assert.deepEqual(wrapText("a b c", 3, 1), ["a \u2026"]);
   assert.deepEqual(wrapText("aa bb cc", 5, 2), ["aa bb", "cc"]);
+});
+
+test("the subtitle wraps instead of being cut at 480 px", () => {
+  const lay = layoutChart(wanArc, 480);
+  const whole = subtitleLine(wanArc);
+  assert.ok(whole.includes("121 frames") && whole.length > (480 - 2 * CHART.pad) / CHART.smallCharWidth);
+  assert.equal(lay.subtitle.length, 2);
+  assert.ok(lay.subtitle.every((l) => !l.endsWith("\u2026")), lay.subtitle);
+  assert.equal(lay.subtitle.join(" "), whole);
+  assert.ok(lay.rows[0].y > lay.deviceY + 14, "the bars start below the second subtitle line");
+});
+
+test("value labels never cross the VRAM line and stay inside the node", () => {
+  for (const [data, width] of [[wanArc, 480], [flux, 480], [wanArc, 640], [flux, 900]]) {
+    const lay = layoutChart(data, width);
+    for (const r of lay.rows) {
+      const textW = r.valueText.length * CHART.valueCharWidth;
+      const crosses = lay.vramX >= r.valueX - 1 && lay.vramX <= r.valueX + textW + 1;
+      assert.ok(!crosses, `${r.name} at ${width}px: label ${r.valueX}..${r.valueX + textW}, VRAM ${lay.vramX}`);
+      assert.ok(r.valueX + textW <= lay.width - 2, `${r.name} runs off the node`);
+    }
+  }
+  // The rule itself: a label that would straddle the line moves past it; one that would run off goes inside.
+  assert.deepEqual(placeValue({ x: 100, w: 90 }, 200, 480, 50), { valueX: 205, valueInside: false });
+  assert.deepEqual(placeValue({ x: 100, w: 20 }, 200, 480, 50), { valueX: 124, valueInside: false });
+  assert.equal(placeValue({ x: 100, w: 350 }, 200, 480, 50).valueInside, true);
+});
+
+test("empty state: the note and a hint, no stray separator, no legend without bars", () => {
+  const note = { version: 1, verdict: null, verdict_text: "Estimate: connect a MODEL or pick a family to get the "
+    + "estimate.", components: [], vram_bytes: null, text: "Device: cpu" };
+  for (const data of [note, null]) {
+    const lay = layoutChart(data, 480);
+    assert.equal(lay.empty, true);
+    assert.equal(lay.rows.length, 0);
+    assert.equal(lay.footerY, null, "no legend");
+    assert.equal(lay.vramX, null);
+    assert.deepEqual(lay.subtitle, [], "no device line, so no \u00b7 either");
+    assert.ok(lay.hint.length >= 1 && lay.hint.join(" ").includes("family"));
+    assert.ok(lay.height < 120);
+  }
+  assert.equal(subtitleLine(note), "");
+  assert.equal(layoutChart(note, 480).verdict[0], note.verdict_text);
+  assert.equal(layoutChart(flux, 480).empty, false);
 });

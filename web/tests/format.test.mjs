@@ -8,12 +8,11 @@ import {
   formatBytes,
   formatSeconds,
   isNoflashNode,
+  isProducerNode,
   panelRows,
   PANEL_COLUMNS,
   peakText,
   pushRun,
-  rememberStatus,
-  statusForNode,
   tierLabel,
   tierMix,
 } from "../noflash_format.js";
@@ -29,12 +28,15 @@ function status(extra = {}) {
   };
 }
 
-test("node types are the four fixed ids", () => {
+test("node types are the pack's six ids; all but the probe produce runs", () => {
   assert.deepEqual([...NOFLASH_NODE_TYPES].sort(), [
-    "NoFlashAttentionPatcher", "NoFlashFFNChunker", "NoFlashTierSelector", "NoFlashVRAMProbe",
+    "NoFlashAttentionPatcher", "NoFlashCLIPPatcher", "NoFlashFFNChunker", "NoFlashTierSelector",
+    "NoFlashVAEPatcher", "NoFlashVRAMProbe",
   ]);
   assert.ok(isNoflashNode("NoFlashVRAMProbe"));
   assert.ok(!isNoflashNode("KSampler"));
+  assert.ok(isProducerNode("NoFlashVAEPatcher") && isProducerNode("NoFlashFFNChunker"));
+  assert.ok(!isProducerNode("NoFlashVRAMProbe") && !isProducerNode("KSampler"));
 });
 
 test("formatBytes picks a unit and keeps three significant figures", () => {
@@ -75,9 +77,9 @@ test("badge says when peak memory is not tracked (CPU)", () => {
   assert.equal(peakText(s), "peak n/a (CPU)");
 });
 
-test("badge before any run and for runs that never tiled", () => {
-  assert.equal(badgeText(null), "noflash: waiting for a run");
-  assert.equal(badgeText({}), "noflash: waiting for a run");
+test("no badge without a run; a badge for runs that never tiled", () => {
+  assert.equal(badgeText(null), "");
+  assert.equal(badgeText({}), "");
   const comfyOnly = status({ active_tier: null, tiers: { comfy: 12 }, calls: 12 });
   assert.equal(badgeText(comfyOnly), "noflash comfy | peak 1.50 GiB");
   assert.equal(badgeColors(comfyOnly).bg, "#5a6270");
@@ -131,20 +133,4 @@ test("formatSeconds", () => {
   assert.equal(formatSeconds(59.9), "59.9 s");
   assert.equal(formatSeconds(125), "2 min 5 s");
   assert.equal(formatSeconds(undefined), "-");
-});
-
-test("a node's badge follows the run of the model it patched, else the latest run", () => {
-  let byNode = {};
-  const a = status({ run_id: 1, node_id: "4", active_tier: 2 });
-  const b = status({ run_id: 2, node_id: "9", active_tier: 1 });
-  const anon = status({ run_id: 3, node_id: null, active_tier: 3 });
-  byNode = rememberStatus(byNode, a);
-  byNode = rememberStatus(byNode, b);
-  const same = rememberStatus(byNode, anon);
-  assert.deepEqual(Object.keys(same).sort(), ["4", "9"]);
-  assert.equal(statusForNode(byNode, b, 4).active_tier, 2);
-  assert.equal(statusForNode(byNode, b, "9").active_tier, 1);
-  assert.equal(statusForNode(byNode, anon, 12).active_tier, 3);
-  assert.equal(statusForNode({}, null, 1), null);
-  assert.equal(rememberStatus({}, null).constructor, Object);
 });

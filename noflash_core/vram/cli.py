@@ -8,10 +8,11 @@ Example::
 Prints a verdict (fits / fits only with noflash / does not fit, and what to change), then the denoising step
 (tokens per attention call, ComfyUI's own attention on that card, math SDPA, noflash's plan, the FFN with and
 without chunking), the text encoders at the prompt's length and the VAE decode, each with weights included.
-``--device`` takes a GPU profile (gfx906, gfx1030, gfx1010, mps, arc, cpu) or ``this-machine``; ``--vram``
-overrides its memory. ``--list`` shows the model, encoder and device tables.
+``--device`` takes a GPU profile (``gfx906``, ``gfx1030``, ... or the whole label ``--list`` prints, e.g.
+``"gfx1030 · AMD Radeon RX 6800/6800 XT/6900 XT (RDNA2, 16 GiB)"``) or ``this-machine``; ``--vram`` overrides its
+memory. ``--list`` shows the model, encoder and device tables.
 
-The estimate itself is :func:`noflash_core.video.estimator.estimate_run`; this module only parses and prints.
+The estimate itself is :func:`noflash_core.vram.estimate_run`; this module only parses and prints.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _parse_bytes(text: str) -> int:
 
 
 def _model_table() -> str:
-    from ..device import PRESETS
-    from .encoders import TEXT_ENCODERS, VAES
-    from .families import MODEL_FAMILIES
+    from ..video.encoders import TEXT_ENCODERS, VAES
+    from ..video.families import MODEL_FAMILIES
+    from .target import device_choices
 
     rows = [
         "model          VAE (t, px, ch)  patch    heads x dim   FFN      blocks  text  name",
@@ -54,14 +55,16 @@ def _model_table() -> str:
     rows.append("")
     rows.append("text encoders (--text-encoders a+b): " + ", ".join(TEXT_ENCODERS))
     rows.append("VAEs (--vae): " + ", ".join(VAES))
-    rows.append("devices (--device): this-machine, " + ", ".join(
-        f"{name} ({p.description})" for name, p in PRESETS.items()))
+    rows.append("")
+    rows.append("devices (--device takes the name before the dot, or the whole line):")
+    rows.extend("  " + choice for choice in device_choices())
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    from .families import family_names
+    from ..device import PRESETS
+    from ..video.families import family_names
 
     p = argparse.ArgumentParser(
         prog="python -m noflash_core.video",
@@ -76,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", type=_parse_bytes, help="device memory, e.g. 16GiB, 12GB, 8192MiB (overrides the "
                    "device's)")
     p.add_argument("--device", default="this-machine",
-                   help="GPU profile to plan for: gfx906, gfx1030, gfx1010, mps, arc, cpu, or this-machine "
-                   "(default)")
+                   help=f"GPU profile to plan for: {', '.join(PRESETS)} (--list names the cards), or "
+                   "this-machine (default)")
     p.add_argument("--text-encoders", default="auto",
                    help="auto (the model's), none, or keys joined by '+', e.g. clip-l+t5-xxl")
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
@@ -101,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [name for name in ("model", "width", "height") if getattr(args, name) is None]
     if missing:
         parser.error("the following arguments are required: " + ", ".join("--" + m for m in missing))
-    from .estimator import estimate_run
+    from .estimate import estimate_run
 
     try:
         est = estimate_run(
