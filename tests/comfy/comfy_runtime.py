@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -24,6 +25,10 @@ __all__ = [
     "setup_comfyui",
     "ComfyFeatures",
     "detect_features",
+    "FRONTEND_PATH_ENV",
+    "frontend_path",
+    "frontend_versions",
+    "server_pythonpath",
     "load_core_nodes",
     "load_pack",
     "make_custom_nodes_dir",
@@ -47,6 +52,36 @@ def comfyui_path() -> Optional[str]:
     if path and os.path.isfile(os.path.join(path, "comfy", "model_management.py")):
         return os.path.abspath(path)
     return None
+
+
+FRONTEND_PATH_ENV = "COMFYUI_FRONTEND_PATH"
+
+
+def frontend_path() -> Optional[str]:
+    """``COMFYUI_FRONTEND_PATH``: a ``pip install --no-deps --target`` folder holding the frontend package that
+    ComfyUI at ``COMFYUI_PATH`` pins, when it differs from site-packages' (two ComfyUI versions, one environment)."""
+    return os.environ.get(FRONTEND_PATH_ENV) or None
+
+
+def frontend_versions(path: str) -> Tuple[Optional[str], Optional[str]]:
+    """(the ``comfyui-frontend-package`` version that ComfyUI at ``path`` pins in its requirements.txt, the version
+    its server will import with :func:`frontend_path` first on its path); None where there is none."""
+    required = None
+    with open(os.path.join(path, "requirements.txt"), encoding="utf-8") as f:
+        for line in f:
+            name, _, version = line.partition("==")
+            if name.strip() == "comfyui-frontend-package" and version.strip():
+                required = version.strip()
+    search = [p for p in (frontend_path(),) if p] + sys.path
+    dist = next(iter(importlib.metadata.distributions(name="comfyui-frontend-package", path=search)), None)
+    return required, (dist.version if dist is not None else None)
+
+
+def server_pythonpath() -> str:
+    """``PYTHONPATH`` for a ComfyUI server process: the frontend folder (if any) first, so the server serves and
+    version-checks that frontend; the import stand-ins; then the caller's ``PYTHONPATH``."""
+    parts = (frontend_path(), IMPORT_STUBS, os.environ.get("PYTHONPATH"))
+    return os.pathsep.join(p for p in parts if p)
 
 
 def setup_comfyui() -> str:
