@@ -189,8 +189,12 @@ def load_pack(base: str):
 
 
 def pack_module(pack, dotted: str):
-    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy.telemetry")``."""
-    return sys.modules[f"{pack.__name__}.{dotted}"]
+    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy.telemetry")``; imported (as the
+    pack's own copy) when the pack has not imported it yet, so that no test depends on which ran before it."""
+    name = f"{pack.__name__}.{dotted}"
+    if name not in sys.modules:
+        importlib.import_module(name)
+    return sys.modules[name]
 
 
 def _random_state_dict(module: torch.nn.Module, seed: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
