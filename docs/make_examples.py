@@ -148,7 +148,7 @@ def _base(unet: str, text_encoders: Sequence[str], clip_type: str, vae: str) -> 
     wf.node(2, "DualCLIPLoader" if dual else "CLIPLoader", (0, 130), (330, 130 if dual else 106),
             [*text_encoders, clip_type, "default"], outputs=[("CLIP", C)], models=list(text_encoders))
     wf.node(3, "VAELoader", (0, 310 if dual else 290), (330, 58), [vae], outputs=[("VAE", V)], models=[vae])
-    wf.node(4, "NoFlashAttentionPatcher", (380, 0), (300, 130), PATCHER, [("model", M)], [("model", M)])
+    wf.node(4, "NoFlashAttentionPatcher", (380, 0), (300, 130), PATCHER + ["off"], [("model", M)], [("model", M)])
     return wf
 
 

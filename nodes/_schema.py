@@ -1,15 +1,19 @@
-"""The schema conventions of the pack's nodes: category, node id = class name, description = docstring; and the
-schema every MODEL -> MODEL node shares (one MODEL input first, one MODEL output)."""
+"""The schema conventions of the pack's nodes: category, node id = class name, description = docstring; the
+schema every MODEL -> MODEL node shares (one MODEL input first, one MODEL output); and the routing inputs every
+attention patcher shares (``enabled``, ``min_tokens``, ``budget_mb``) with the config they make."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 from comfy_api.latest import io
 
-__all__ = ["CATEGORY", "model_patch_schema", "node_id", "node_schema"]
+from ..noflash_core.comfy.override import OverrideConfig
+
+__all__ = ["CATEGORY", "model_patch_schema", "node_id", "node_schema", "routing_config", "routing_inputs"]
 
 CATEGORY = "advanced/noflash"
+_MIB = 1 << 20
 
 
 def node_schema(
@@ -42,3 +46,25 @@ def node_id(cls) -> Optional[str]:
     """The executing node's id (None when called outside ComfyUI's executor, as in tests)."""
     hidden = getattr(cls, "hidden", None)
     return getattr(hidden, "unique_id", None) if hidden is not None else None
+
+
+def routing_inputs(enabled_tip: str, min_tokens_tip: str) -> Tuple[io.Input, io.Input, io.Input]:
+    """The inputs that decide which attention calls a patcher routes to noflash, in this order: ``enabled``
+    (default on), ``min_tokens`` (calls shorter than this stay with ComfyUI; default 1024) and ``budget_mb`` (MiB of
+    working memory per call, 0 = automatic). Every attention patcher declares them through this function, so they
+    are the same on every node (only the two tooltips say what the node patches). :func:`routing_config` turns the
+    values into the override's config."""
+    return (
+        io.Boolean.Input("enabled", default=True, tooltip=enabled_tip),
+        io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
+        io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
+                     tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
+                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
+    )
+
+
+def routing_config(enabled: bool, min_tokens: int, budget_mb: int, **fields: Any) -> OverrideConfig:
+    """The :class:`OverrideConfig` of the :func:`routing_inputs` values: ``budget_mb`` MiB become bytes, 0 (or less)
+    means automatic (``budget_bytes=None``); ``fields`` are further config fields as they are."""
+    budget = budget_mb * _MIB if budget_mb > 0 else None
+    return OverrideConfig(enabled=enabled, min_tokens=min_tokens, budget_bytes=budget, **fields)

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
-from ..noflash_core.comfy.override import OverrideConfig
-from ._glue import patch_attention, repin_attention
-from ._schema import model_patch_schema, node_id
+from ..noflash_core.comfy.override import override_recorder
+from ..noflash_core.tune.firstrun import FirstRunPolicy, FirstRunTuner, forget_plans
+from ..noflash_core.tune.session import tuning_hook
+from ._glue import current_override, patch_attention, publish_status, repin_attention
+from ._schema import model_patch_schema, node_id, routing_config, routing_inputs
 
 __all__ = ["NoFlashAttentionPatcher", "NoFlashTierSelector"]
 
-_MIB = 1 << 20
+_TUNE_KEY = "noflash_tune"
+_POLICY = FirstRunPolicy()
+
+
+def _first_run_tuning(m, node: str) -> None:
+    """Wrap the clone's model calls so the planner tunes each new attention signature once (see
+    ``noflash_core/tune/firstrun.py`` for the bound); the badge shows "tuning", then "tuned"."""
+    monitor = getattr(override_recorder(current_override(m)), "__self__", None)  # the RunMonitor of the clone
+
+    def on_state(state: str, signature: str) -> None:
+        status = monitor.status() if monitor is not None else {"node_id": node}
+        publish_status({**status, "plan_source": state, "tuning_signature": signature})
+
+    tuner = FirstRunTuner(_POLICY, on_state=on_state)
+    forget_plans()  # plans cached before tuning was switched on would never reach the tuner
+
+    def tune_wrapper(executor, *args, **kwargs):
+        with tuning_hook(tuner):
+            return executor(*args, **kwargs)
+
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, _TUNE_KEY, tune_wrapper)
 
 
 class NoFlashAttentionPatcher(io.ComfyNode):
@@ -21,27 +44,27 @@ class NoFlashAttentionPatcher(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return model_patch_schema(
             cls, "NoFlash Attention Patcher", "The diffusion model to patch (it is cloned, never mutated).",
-            io.Boolean.Input(
-                "enabled", default=True,
-                tooltip="Off passes every attention call on to ComfyUI's own attention (or to the override "
-                "another pack installed before)."),
-            io.Int.Input(
-                "min_tokens", default=1024, min=0, max=1 << 24, step=64,
-                tooltip="Calls whose longer side (query or key tokens) is below this use ComfyUI's own "
-                "attention; small calls fit anyway and the fused paths are faster there. The default suits "
-                "image and video models: leave it."),
-            io.Int.Input(
-                "budget_mb", default=0, min=0, max=1 << 20, step=64,
-                tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
-                "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
+            *routing_inputs(
+                "Off passes every attention call on to ComfyUI's own attention (or to the override another pack "
+                "installed before).",
+                "Calls whose longer side (query or key tokens) is below this use ComfyUI's own attention; small calls "
+                "fit anyway and the fused paths are faster there. The default suits image and video models: leave it.",
+            ),
+            io.Combo.Input(
+                "tune", options=["off", "first run"], default="off",
+                tooltip=f"first run: the first sampling step times up to {_POLICY.max_candidates} exact plans "
+                f"for each new attention shape (at most {_POLICY.step_multiple:g}x that call's untuned time) and "
+                "remembers the fastest in the tuning cache; later runs start tuned. off: measure nothing (plans "
+                "already in the cache are still used): leave it off unless you want to measure."),
         )
 
     @classmethod
-    def execute(cls, model, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
-        config = OverrideConfig(
-            enabled=enabled, min_tokens=min_tokens, budget_bytes=budget_mb * _MIB if budget_mb > 0 else None
-        )
-        return io.NodeOutput(patch_attention(model, config, node_id(cls)))
+    def execute(cls, model, enabled: bool, min_tokens: int, budget_mb: int, tune: str = "off") -> io.NodeOutput:
+        m = patch_attention(model, routing_config(enabled, min_tokens, budget_mb), node_id(cls))
+        m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, _TUNE_KEY)
+        if tune == "first run":
+            _first_run_tuning(m, node_id(cls))
+        return io.NodeOutput(m)
 
 
 class NoFlashTierSelector(io.ComfyNode):

@@ -15,24 +15,25 @@ from typing import Any, Dict, Optional
 from comfy_api.latest import io
 
 from ..noflash_core.comfy.clip import EncodeRouter, RouteStats, attention_module_names
+from ..noflash_core.comfy.module_swap import global_users
 from ..noflash_core.comfy.op_telemetry import EncodeMonitor
 from ..noflash_core.comfy.override import OverrideConfig
-from ..noflash_core.comfy.vae import VAE_ATTENTION_ATTR, VAEAttention, vae_attention_names
+from ..noflash_core.comfy.vae import (
+    GLOBAL_ATTENTION_NAME,
+    ROUTED_METHODS,
+    VAEAttention,
+    VAEGlobalRouter,
+    vae_attention_keys,
+)
 from ..noflash_core.telemetry import CallRecord
 from ._glue import publish_status, run_context
-from ._schema import node_id, node_schema
+from ._schema import node_id, node_schema, routing_config, routing_inputs
 
 __all__ = ["ENCODE_KEY", "NoFlashCLIPPatcher", "NoFlashVAEPatcher", "clone_vae", "patch_clip", "patch_vae"]
 
 logger = logging.getLogger(__name__)
 
-_MIB = 1 << 20
 ENCODE_KEY = "encode_token_weights"
-
-
-def _config(enabled: bool, min_tokens: int, budget_mb: int) -> OverrideConfig:
-    return OverrideConfig(enabled=enabled, min_tokens=min_tokens,
-                          budget_bytes=budget_mb * _MIB if budget_mb > 0 else None)
 
 
 def _monitor(label: str, kind: str, producer: Optional[str]) -> EncodeMonitor:
@@ -103,12 +104,7 @@ def _patcher_schema(cls: type, display_name: str, port, name: str, kind: str, mi
     """Schema of a ``name`` -> ``name`` patcher: the ``port`` input to clone, the routing settings, its clone."""
     return node_schema(cls, display_name, [
         port.Input(name, tooltip=f"The {kind} to patch (it is cloned, never mutated)."),
-        io.Boolean.Input("enabled", default=True,
-                         tooltip=f"Off leaves every attention call of the {kind} to ComfyUI's own attention."),
-        io.Int.Input("min_tokens", default=1024, min=0, max=1 << 24, step=64, tooltip=min_tokens_tip),
-        io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
-                     tooltip="Working-memory budget per attention call in MiB. 0 = automatic "
-                     "(NOFLASH_BUDGET_MB, else a fraction of free VRAM): leave it."),
+        *routing_inputs(f"Off leaves every attention call of the {kind} to ComfyUI's own attention.", min_tokens_tip),
     ], [port.Output(display_name=name, tooltip=f"A clone of the {kind} whose attention runs noflash's tiles.")],
         hidden=[io.Hidden.unique_id])
 
@@ -145,15 +141,20 @@ def patch_vae(vae, config: OverrideConfig, producer: Optional[str] = None):
     n.__class__ = _monitored_vae_class(type(n))
     n.noflash_monitor = monitor
     stats = _MonitoredStats(monitor)
-    names = vae_attention_names(n.first_stage_model)
-    for name in names:
-        key = f"{name}.{VAE_ATTENTION_ATTR}"
+    keys = vae_attention_keys(n.first_stage_model)
+    for key in keys:
         previous = n.patcher.get_model_object(key)
         if isinstance(previous, VAEAttention):
             previous = previous.previous
         n.patcher.add_object_patch(key, VAEAttention(previous, config, stats))
+    routed = len(global_users(n.first_stage_model, GLOBAL_ATTENTION_NAME))  # modules calling the global function
+    for method in (m for m in ROUTED_METHODS if routed and callable(getattr(n.first_stage_model, m, None))):
+        previous = n.patcher.get_model_object(method)
+        if isinstance(previous, VAEGlobalRouter):
+            previous = previous.call
+        n.patcher.add_object_patch(method, VAEGlobalRouter(previous, n.first_stage_model, config, stats))
     n.noflash_stats = stats
-    return n, len(names)
+    return n, len(keys) + routed
 
 
 class NoFlashCLIPPatcher(io.ComfyNode):
@@ -172,15 +173,16 @@ class NoFlashCLIPPatcher(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
-        patched = patch_clip(clip, _config(enabled, min_tokens, budget_mb), node_id(cls))
+        patched = patch_clip(clip, routing_config(enabled, min_tokens, budget_mb), node_id(cls))
         logger.info("noflash: CLIP Patcher routes %d text-encoder attention modules (min_tokens=%d)",
                     len(attention_module_names(patched.cond_stage_model)), min_tokens)
         return io.NodeOutput(patched)
 
 
 class NoFlashVAEPatcher(io.ComfyNode):
-    """Returns a clone of the VAE whose attention blocks (the AttnBlock of
-    SD/SDXL/Flux/Z-Image/HunyuanVideo VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs) run
+    """Returns a clone of the VAE whose attention blocks (the AttnBlock of SD/SDXL/Flux/Flux 2/Z-Image/
+    HunyuanVideo/HunyuanVideo 1.5 VAEs, the per-frame AttentionBlock of Wan and Qwen-Image VAEs, SeedVR2's,
+    and the MiniMax H3 and Mochi VAEs' transformer blocks) run
     noflash's exact tiles instead of split attention's N x N score slices. Tiled decode works as before. The
     input VAE is not changed."""
 
@@ -193,7 +195,7 @@ class NoFlashVAEPatcher(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, enabled: bool, min_tokens: int, budget_mb: int) -> io.NodeOutput:
-        patched, blocks = patch_vae(vae, _config(enabled, min_tokens, budget_mb), node_id(cls))
+        patched, blocks = patch_vae(vae, routing_config(enabled, min_tokens, budget_mb), node_id(cls))
         if blocks == 0:
             logger.info("noflash: VAE Patcher found no attention block in %s; the VAE is unchanged",
                         type(vae.first_stage_model).__name__)

@@ -15,11 +15,13 @@ from comfy_api.latest import io
 
 from ..noflash_core.comfy.estimate import TEXT_ENCODER_CHOICES, encoders_from_clip, probe_text
 from ..noflash_core.comfy.families import family_for_comfy_model
+from ..noflash_core.comfy.probe import run_of_workflow
 from ..noflash_core.comfy.telemetry import default_history
 from ..noflash_core.device import device_report, get_preset
 from ..noflash_core.units import dtype_name
 from ..noflash_core.video.families import family_names
 from ..noflash_core.vram import THIS_MACHINE, device_choices, device_key, estimate_run
+from ._glue import run_context
 from ._schema import node_schema
 
 __all__ = ["NOTHING_TO_ESTIMATE", "NoFlashVRAMProbe"]
@@ -150,9 +152,12 @@ class NoFlashVRAMProbe(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> int:
-        # Re-run whenever a patched run finished since the last probe, so "last run" stays current.
-        return default_history().finished
+    def fingerprint_inputs(cls, **kwargs) -> str:
+        # Re-run whenever a patched run finished since the last probe, and in another workflow (another prompt when
+        # the workflow is unknown), so "last run" is always this workflow's newest. ComfyUI calls this inside the
+        # prompt's executing context.
+        origin = run_context()
+        return f"{default_history().finished}|{origin.get('workflow_id') or origin.get('prompt_id') or ''}"
 
     @classmethod
     def execute(cls, width: int, height: int, frames: int, batch: int, family: str, device: str = THIS_MACHINE,
@@ -178,7 +183,8 @@ class NoFlashVRAMProbe(io.ComfyNode):
                 chart = est.to_chart()
             except (ImportError, ValueError) as exc:
                 note = f"Estimate unavailable: {exc}"
-        text = probe_text(report, estimate, default_history().latest(), note)
+        last_run = run_of_workflow(default_history().runs(), run_context())
+        text = probe_text(report, estimate, last_run, note)
         ui = {"text": [text]}
         if chart is not None:
             chart["text"] = text

@@ -22,6 +22,8 @@ from .budget import resolve_budget
 from .device import device_profile
 from .problem import AttentionProblem, build_problem
 from .tiles import TileMath
+from .tune.lookup import TunedPlan, entry_plans, tuned_entry
+from .tune.session import active_hook
 
 __all__ = [
     "MIN_BLOCK",
@@ -76,6 +78,8 @@ class Plan:
         requires_grad: whether the plan covers a backward pass.
         reason: why this plan was chosen.
         block_h: batch-head pairs per step; 0 means all.
+        source: ``"model"`` when the planner's cost model chose it, ``"tuned"`` when a measurement on this device
+            (the tuning cache, :mod:`noflash_core.tune`) did.
     """
 
     tier: int
@@ -86,6 +90,7 @@ class Plan:
     requires_grad: bool = False
     reason: str = ""
     block_h: int = 0
+    source: str = "model"
 
     @property
     def fits(self) -> bool:
@@ -302,16 +307,24 @@ def plan_problem(
     tier: TierArg = "auto",
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
+    use_tuning: bool = True,
 ) -> Plan:
-    """Plan a canonical problem (see :func:`plan`)."""
+    """Plan a canonical problem (see :func:`plan`). ``use_tuning=False`` ignores the tuning cache (the cost model's
+    plan, ``source="model"``)."""
     budget = resolve_budget(problem.query.device, budget_bytes)
     if tier != "auto":
         first = next(candidate_plans(problem, budget, requires_grad, dropout, (int(tier),), block_m, block_n))
         return replace(first, reason=f"tier {tier} requested")
-    if block_m is None and block_n is None and not dropout:
+    auto = block_m is None and block_n is None and not dropout
+    if auto:
         fast = _fast_path_plan(problem, budget, requires_grad)
         if fast is not None:
             return fast
+    model = _model_plan(problem, budget, requires_grad, dropout, block_m, block_n)
+    return _consult_tuning(problem, model) if auto and use_tuning else model
+
+
+def _model_plan(problem: AttentionProblem, budget: int, requires_grad: bool, dropout: bool, block_m, block_n) -> Plan:
     cands = []
     for cand in candidate_plans(problem, budget, requires_grad, dropout, None, block_m, block_n):
         if cand.fits:
@@ -322,6 +335,34 @@ def plan_problem(
     floor = min(c.peak_bytes for c in cands) * 1.05
     near = next(c for c in cands if c.peak_bytes <= floor)
     return replace(near, reason=f"nothing fits {budget / _MiB:.0f} MiB; fastest plan within 5% of the smallest")
+
+
+def _tuned_plan(problem: AttentionProblem, model: Plan, measured: TunedPlan, rank: int) -> Plan:
+    """A measured ``(tier, block_m, block_n, block_h)`` fitted to this problem's sizes, its peak re-predicted."""
+    tier, bm, bn, bh = measured
+    b, h, g, length, s, e, ev = problem.dims
+    bm = max(1, min(bm, length))
+    bn = max(1, min(bn, s)) if tier == 2 else max(s, 1)
+    bh = 0 if bh <= 0 or bh >= b * h else bh
+    peak = predict_peak_bytes(problem, tier, bm, bn, model.requires_grad, block_h=bh)
+    why = "measured fastest on this device" if rank == 0 else f"measured #{rank + 1} (faster ones exceed the budget)"
+    return Plan(tier, bm, bn, peak, model.budget_bytes, model.requires_grad, f"{why} (tuning cache)", bh, "tuned")
+
+
+def _consult_tuning(problem: AttentionProblem, model: Plan) -> Plan:
+    """The fastest measured plan that fits the budget when the tuning cache has this signature; else the first-run
+    tuner's plan when one is active (ComfyUI's ``tune`` option); else ``model``. Reads no tensor values."""
+    entry = tuned_entry(problem, model.requires_grad)
+    if entry is None:
+        hook = active_hook()
+        return (hook(problem, model) or model) if hook is not None else model
+    for rank, measured in enumerate(entry_plans(entry)):
+        if measured[0] == 3 and model.requires_grad:
+            continue
+        tuned = _tuned_plan(problem, model, measured, rank)
+        if tuned.fits:
+            return tuned
+    return replace(model, reason=f"{model.reason}; the tuned plans need more than the budget")
 
 
 def plan(

@@ -36,6 +36,8 @@ class CallRecord:
         dtype: the query dtype's torch name, e.g. ``"float16"``.
         device: the device, e.g. ``"cuda:0"``.
         reason: why the call took its path (the planner's reason, ``"below min_tokens"``, ...).
+        plan_source: who chose the plan: ``"model"`` (the planner's cost model), ``"tuned"`` (a measurement in the
+            tuning cache, see :mod:`noflash_core.tune`); empty for calls noflash did not plan.
     """
 
     path: str
@@ -50,6 +52,7 @@ class CallRecord:
     dtype: str
     device: str
     reason: str = ""
+    plan_source: str = ""
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -57,7 +60,8 @@ class CallRecord:
         return self.batch, self.heads, self.q_len, self.head_dim
 
     @classmethod
-    def of_call(cls, path: str, tier: int, blocks: Tuple[int, int], query: Any, key: Any, reason: str) -> CallRecord:
+    def of_call(cls, path: str, tier: int, blocks: Tuple[int, int], query: Any, key: Any, reason: str,
+                plan_source: str = "") -> CallRecord:
         """The record of a call on ``query (*batch, Hq, L, E)`` and ``key (..., S, E)``; sizes are read from the
         shapes as passed (zeros for what a non-tensor lacks)."""
         q, k = _shape(query), _shape(key)
@@ -66,8 +70,15 @@ class CallRecord:
             batch=math.prod(q[:-3]) if q else 0, heads=(q[-3] if len(q) >= 3 else 1) if q else 0,
             q_len=q[-2] if len(q) >= 2 else 0, kv_len=k[-2] if len(k) >= 2 else 0, head_dim=q[-1] if q else 0,
             dtype=str(getattr(query, "dtype", "")).replace("torch.", ""), device=str(getattr(query, "device", "")),
-            reason=reason,
+            reason=reason, plan_source=plan_source,
         )
+
+    @classmethod
+    def of_plan(cls, path: str, plan: Any, query: Any, key: Any) -> CallRecord:
+        """The record of a call that ran ``plan`` (a :class:`~noflash_core.planner.Plan`): its tier, blocks,
+        reason and source."""
+        return cls.of_call(path, plan.tier, (plan.block_m, plan.block_n), query, key, plan.reason,
+                           getattr(plan, "source", ""))
 
 
 def _shape(t: Any) -> Tuple[int, ...]:

@@ -7,6 +7,11 @@ import pytest
 
 
 def pytest_configure(config) -> None:
+    import os
+    import tempfile
+
+    # Plans must not depend on the tuning cache of whoever runs the tests: a fresh, empty one for the session.
+    os.environ["NOFLASH_TUNE_CACHE"] = tempfile.mkdtemp(prefix="noflash-tune-tests-")
     try:
         from tests.support.device import DEVICE  # noqa: F401  (validates NOFLASH_TEST_DEVICE once, up front)
     except ValueError as exc:

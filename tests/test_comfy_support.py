@@ -122,7 +122,7 @@ def test_probe_text_has_device_estimate_and_last_run():
 
 def test_probe_text_without_estimate_or_run():
     text = probe_text(REPORT, None, None, note="Estimate: connect a MODEL")
-    assert "Estimate: connect a MODEL" in text and "Last run: none yet" in text
+    assert "Estimate: connect a MODEL" in text and "Last run: no run of this workflow yet" in text
     assert format_last_run({"run_id": 1, "tiers": {}, "peak_bytes": None, "peak_source": "not tracked on CPU"})[1] \
         == "Last run peak memory: not tracked on CPU"
 

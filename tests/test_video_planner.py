@@ -40,7 +40,7 @@ def test_token_counts(model, size, frames, tokens):
 def test_family_table_is_consistent():
     for fam in MODEL_FAMILIES.values():
         assert fam.stages and all(s.heads > 0 and s.head_dim in (64, 128) for s in fam.stages)
-        assert fam.vae_spatial in (8, 16, 32) and fam.latent_channels in (4, 16, 48, 128)
+        assert fam.vae_spatial in (8, 16, 32) and fam.latent_channels in (4, 16, 24, 32, 48, 128)
     assert get_family("wan2.1-1.3b").dim == 1536
     assert get_family("wan2.2-5b").dim == 3072 and get_family("wan2.2-5b").latent_channels == 48
     assert get_family("wan2.1-14b").dim == 5120 and get_family("wan2.1-14b").layers == 40

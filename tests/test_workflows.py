@@ -18,7 +18,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # Widget values each node type stores (ComfyUI 0.3.64 with its pinned frontend; the live test re-derives them).
 WIDGETS = {
-    "NoFlashAttentionPatcher": 3,  # enabled, min_tokens, budget_mb
+    "NoFlashAttentionPatcher": 4,  # enabled, min_tokens, budget_mb, tune
     "NoFlashTierSelector": 3,  # tier, block_m, block_n
     "NoFlashFFNChunker": 1,  # num_chunks
     "NoFlashVRAMProbe": 9,  # width, height, frames, batch, family, device, vram_gb, text_encoder, prompt_tokens

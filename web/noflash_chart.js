@@ -1,6 +1,6 @@
 // The VRAM Probe's picture as pure layout: no DOM, no ComfyUI imports (tested with node --test). noflash.js draws it.
 //
-// The data is what the node sends as ui.noflash_estimate[0] (noflash_core/video/report.py, chart()):
+// The data is what the node sends as ui.noflash_estimate[0] (noflash_core/vram/report.py, chart()):
 // { version, title, device: {key, description, kind, simulated, note}, vram_bytes, verdict: "fits"|"noflash"|"no"|null,
 //   verdict_text, advice, precision, components: [{name, label, bytes, kind: "part"|"total", phase, path, fits, detail}],
 //   text }

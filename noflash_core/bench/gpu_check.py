@@ -194,15 +194,15 @@ def _implementation(name: str) -> Implementation:
     return Implementation(name, fn, tier != 3, False, f"noflash {'auto plan' if tier == 'auto' else f'tier {tier}'}")
 
 
-def _predicted_peak(name: str, q: torch.Tensor) -> Optional[Tuple[int, int, int, int]]:
-    """``(predicted bytes, tier, block_m, block_n)`` of a noflash cell from the planner."""
+def _predicted_peak(name: str, q: torch.Tensor) -> Optional[Tuple[int, int, int, int, str]]:
+    """``(predicted bytes, tier, block_m, block_n, plan source)`` of a noflash cell from the planner."""
     if not name.startswith("noflash"):
         return None
     from ..planner import plan
 
     tier = "auto" if name.endswith("auto") else int(name[-1])
     p = plan(q, q, q, tier=tier, requires_grad=False)
-    return p.peak_bytes, p.tier, p.block_m, p.block_n
+    return p.peak_bytes, p.tier, p.block_m, p.block_n, p.source
 
 
 def _math_bytes(cfg: GpuCheckConfig, n: int, dtype: torch.dtype) -> int:
@@ -262,6 +262,7 @@ def _measure(cfg, impl: Implementation, inputs: Inputs, dtype, n: int, device) -
                 times_ms=[round(t, 3) for t in times], peak_bytes=m.peak_bytes, memory_method=m.memory_method)
     if predicted is not None:
         out.update(predicted_bytes=predicted[0], tier=predicted[1], blocks=[predicted[2], predicted[3]],
+                   plan_source=predicted[4],
                    predicted_over_measured=round(predicted[0] / max(1, m.peak_bytes), 3))
     return out
 
@@ -291,7 +292,32 @@ def run_gpu_check(cfg: GpuCheckConfig, out_dir: str) -> Dict[str, object]:
         "duration_s": round(time.monotonic() - start, 1),
         "tests": tests,
         "cells": cells,
+        "tuned": _tuned_entries(device),
     }
+
+
+def _tuned_entries(device: torch.device) -> Dict[str, object]:
+    """This device's entries in the tuning cache (``python -m noflash_core.tune``), in the export format."""
+    from ..tune.share import device_entries
+
+    return device_entries(device)
+
+
+def _tuned_lines(result: Dict[str, object]) -> List[str]:
+    entries = (result.get("tuned") or {}).get("entries") or {}  # type: ignore[union-attr]
+    lines = ["", "## Tuned plans on this device", "",
+             f"{len(entries)} entries in the tuning cache (`python -m noflash_core.tune`; the JSON holds them in "
+             "full, in the `--export` format)."]
+    if entries:
+        lines += ["", "| signature | fastest plan | median | model's plan | median | mode |",
+                  "|---|---|---|---|---|---|"]
+    for key, e in sorted(entries.items()):
+        best, model = (e.get("plans") or [{}])[0], e.get("model") or {}
+        lines.append(f"| {key} | tier {best.get('tier')} {best.get('block_m')}×{best.get('block_n')} h"
+                     f"{best.get('block_h')} | {best.get('median_ms')} ms | tier {model.get('tier')} "
+                     f"{model.get('block_m')}×{model.get('block_n')} h{model.get('block_h')} | "
+                     f"{model.get('median_ms')} ms | {e.get('mode')} |")
+    return lines
 
 
 def check_passed(result: Dict[str, object]) -> bool:
@@ -338,10 +364,12 @@ def render_gpu_check_markdown(result: Dict[str, object], command: str = "") -> s
     for c in cells:
         if c["status"] == "ok" and "predicted_bytes" in c:
             lines.append(
-                f"| {c['dtype']} | {c['n']} | {c['impl']} | tier {c['tier']} {tuple(c['blocks'])} | "
+                f"| {c['dtype']} | {c['n']} | {c['impl']} | tier {c['tier']} {tuple(c['blocks'])} "
+                f"({c.get('plan_source', 'model')}) | "
                 f"{c['predicted_bytes'] / _MIB:.0f} MiB | {c['peak_bytes'] / _MIB:.0f} MiB ({c['memory_method']}) | "
                 f"{c['predicted_over_measured']:.2f} |"
             )
+    lines += _tuned_lines(result)
     skipped = [c for c in cells if c["status"] != "ok"]
     if skipped:
         lines += ["", "## Not run or failed", ""]

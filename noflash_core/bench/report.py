@@ -131,14 +131,15 @@ def _auto_table(result: BenchResult) -> List[str]:
         "Ratios of median times; in brackets the ratio of the fastest calls, which a busy machine disturbs less.",
         "",
     ]
-    lines.append("| N | mode | auto | math | torch default | auto speed-up over math | auto time / torch time |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| N | mode | auto | math | torch default | auto speed-up over math | auto time / torch time | "
+                 "auto plan (source) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for n in result.config["sizes"]:
         for mode in result.config["modes"]:
             auto, mth, tch = (result.cell(i, mode, n) for i in ("noflash-auto", "math", "torch"))
             lines.append(
                 f"| {n} | {mode} | {_cell_text(auto)} | {_cell_text(mth)} | {_cell_text(tch)} | "
-                f"{_ratio(mth, auto, True)} | {_ratio(auto, tch, True)} |"
+                f"{_ratio(mth, auto, True)} | {_ratio(auto, tch, True)} | {(auto.plan if auto else '') or '—'} |"
             )
     lines.append("")
     return lines

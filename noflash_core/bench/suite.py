@@ -40,6 +40,8 @@ class CellResult:
         memory_method: ``"tracker"`` or ``"allocator"``.
         max_abs_err: forward only: max |out - torch default SDPA out|.
         note: why a cell was skipped or failed.
+        plan: noflash cells: the plan the planner makes for the cell and who chose it, e.g.
+            ``"tier 3 128×2048 (tuned)"`` (``Plan.source``: ``model`` or ``tuned``).
     """
 
     impl: str
@@ -52,6 +54,7 @@ class CellResult:
     memory_method: str = ""
     max_abs_err: Optional[float] = None
     note: str = ""
+    plan: str = ""
 
 
 @dataclass
@@ -281,6 +284,7 @@ def _run_row(
             note=f"{discarded[name]} call(s) re-timed: they got under {cfg.min_cpu_share:.0%} of the CPU"
             if discarded.get(name)
             else "",
+            plan=_plan_text(name, inputs, backward),
         )
     ordered = [cells[i.name] for i in impls]
     for cell in ordered:
@@ -314,6 +318,18 @@ def _timed_sample(
             return wall
         discarded[name] = discarded.get(name, 0) + 1
         logger.debug("%s: CPU share %.2f < %.2f, re-timing", name, share, cfg.min_cpu_share)
+
+
+def _plan_text(name: str, inputs, backward: bool) -> str:
+    """``"tier 3 128×2048 (tuned)"``: what the planner picks for a noflash cell and its ``Plan.source``."""
+    if not name.startswith("noflash-"):
+        return ""
+    from ..planner import plan
+
+    tier_text = name.split("-", 1)[1]
+    tier = "auto" if tier_text == "auto" else int(tier_text.lstrip("t"))
+    p = plan(inputs.q, inputs.k, inputs.v, tier=tier, requires_grad=backward)
+    return f"tier {p.tier} {p.block_m}×{p.block_n} ({p.source})"
 
 
 def _error(impl: Implementation, mode: str, n: int, exc: BaseException) -> CellResult:

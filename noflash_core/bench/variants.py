@@ -106,6 +106,7 @@ class VariantCell:
     tier: Optional[int] = None
     blocks: Tuple[int, int] = (0, 0)
     max_abs_err: Optional[float] = None
+    source: str = ""
 
     def best(self, impl: str) -> float:
         return min(self.times_ms[impl])
@@ -189,7 +190,7 @@ def _run_cell(cfg: VariantsConfig, n: int, variant: str, impls: Dict[str, Callab
                 times[name].append(round(_timed(fn, args, device), 4))
     rec = seen[-1] if seen else None
     cell = VariantCell(n, variant, times, rec.tier if rec else None,
-                       (rec.block_m, rec.block_n) if rec else (0, 0), err)
+                       (rec.block_m, rec.block_n) if rec else (0, 0), err, rec.plan_source if rec else "")
     logger.info(
         "N=%d %-6s ours %.1f ms (tier %s), fused %.1f ms, math %.1f ms: ours/fused %.2f, math/ours %.2f",
         n, variant, cell.best("ours"), cell.tier, cell.best("fused"), cell.best("math"),
@@ -254,7 +255,8 @@ def render_variants_markdown(result: Dict[str, object], command: str = "") -> st
         ok_f = "" if r["ours/fused"] <= VARIANT_TARGETS["ours/fused"] else " ✗"
         ok_m = "" if r["math/ours"] >= VARIANT_TARGETS["math/ours"] else " ✗"
         times = [f"{c.best(i):.1f} ms ({c.median(i):.1f})" for i in IMPLS]
-        plan = f"tier {c.tier} ({c.blocks[0]}×{c.blocks[1]})" if c.tier is not None else "—"
+        source = f", {c.source}" if c.source else ""
+        plan = f"tier {c.tier} ({c.blocks[0]}×{c.blocks[1]}{source})" if c.tier is not None else "—"
         err = f"{c.max_abs_err:.1e}" if c.max_abs_err is not None else "—"
         lines.append(
             f"| {c.n} | {c.variant} | {' | '.join(times)} | {r['ours/fused']:.2f}{ok_f} | "

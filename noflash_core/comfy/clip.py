@@ -24,6 +24,11 @@ How only one clone is reached (nothing here imports ComfyUI; the node in ``nodes
 3. In ``finally`` every module gets back exactly the ``forward`` it had, so nothing stays patched after the encode,
    also when it raises.
 
+Encoders that call ``optimized_attention_for_device(...)(q, k, v, ...)`` inline instead of taking the function as an
+argument (ComfyUI 0.33's Gemma 4 and GPT-OSS encoders) are reached the same way: during the encode, and only then,
+that module-level name is swapped in the modules whose classes call it (:mod:`~noflash_core.comfy.module_swap`) for
+one that returns routed functions.
+
 The original CLIP and its other clones never see the routed forwards: their encodes load their own patcher first,
 which restores ``encode_token_weights``. The one caveat is threads: a second thread running the same encoder
 modules during this clone's encode would be routed too. ComfyUI executes prompts in one thread.
@@ -41,14 +46,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..telemetry import CallRecord
+from .module_swap import global_users, swapped_globals
 from .override import OverrideConfig, make_attention_override
 
-__all__ = ["ATTENTION_ARG", "EncodeRouter", "RouteStats", "attention_module_names", "route_attention"]
+__all__ = ["ATTENTION_ARG", "FOR_DEVICE", "EncodeRouter", "RouteStats", "attention_module_names", "route_attention"]
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_ARG = "optimized_attention"
 """The ``forward`` parameter through which ComfyUI's text encoders pass their attention function."""
+
+FOR_DEVICE = "optimized_attention_for_device"
+"""The module-level function that picks an encoder's attention function (called inline by some encoders)."""
 
 _LOCK = threading.RLock()
 _MISSING = object()
@@ -216,6 +225,15 @@ class EncodeRouter:
             else:
                 module.forward = previous
 
+    def _routed_picker(self, pick: Callable[..., Callable]) -> Callable[..., Callable]:
+        """``optimized_attention_for_device`` whose picks are routed (for encoders that call it inline)."""
+
+        @functools.wraps(pick)
+        def routed_pick(*args, **kwargs):
+            return self._route(pick(*args, **kwargs))
+
+        return routed_pick
+
     def __call__(self, *args, **kwargs):
         if not self.config.enabled:
             return self.encode(*args, **kwargs)
@@ -223,7 +241,8 @@ class EncodeRouter:
             installed = self._install()
             try:
                 self.stats.encodes += 1
-                return self.encode(*args, **kwargs)
+                with swapped_globals(global_users(self.root, FOR_DEVICE), FOR_DEVICE, self._routed_picker):
+                    return self.encode(*args, **kwargs)
             finally:
                 self._restore(installed)
 

@@ -22,6 +22,13 @@ ENCODER_ATTRIBUTES = {
     "qwen25_7b": "qwen2.5-vl-7b",
     "llama": "llama-3-8b",
     "gemma2_2b": "gemma-2-2b",
+    "gemma3_12b": "gemma-3-12b",
+    "qwen3_4b": "qwen3-4b",
+    "qwen3_8b": "qwen3-8b",
+    "qwen3vl_4b": "qwen3-vl-4b",
+    "qwen3vl_8b": "qwen3-vl-8b",
+    "qwen3vl_32b": "qwen3-vl-32b",
+    "mistral3_24b": "mistral-small-24b",
 }
 """The attribute under which ComfyUI's text-encoder models (``cond_stage_model``) keep each encoder, and its key in
 :data:`noflash_core.video.encoders.TEXT_ENCODERS`."""
@@ -37,6 +44,14 @@ TEXT_ENCODER_CHOICES = (
     "qwen2.5-vl-7b",
     "llama-3-8b+clip-l",
     "gemma-2-2b",
+    "gemma-3-12b",
+    "qwen3-4b",
+    "qwen3-8b",
+    "qwen3-vl-4b",
+    "qwen3-vl-8b",
+    "qwen3-vl-32b",
+    "mistral-small-24b",
+    "qwen2.5-vl-7b+clip-l",
 )
 """The probe's ``text_encoder`` combo: ``auto`` reads a connected CLIP, else the model family's encoders."""
 

@@ -13,7 +13,7 @@ noflash serves the quadratic branch runs, so ComfyUI loads models partially and 
 ``memory_usage_factor`` (ComfyUI calibrates it per model family) and inference dtype, with the reference-latent
 conds ComfyUI counts (``memory_usage_factor_conds``). It is never above ComfyUI's own figure. The check that it is
 what noflash really needs is a test: for Wan 2.2 5B at 1280×704×121 it is within 2× of the working set that
-:mod:`noflash_core.video.estimator` predicts for one block (activations, noflash's planned attention calls on fake
+:mod:`noflash_core.vram` predicts for one block (activations, noflash's planned attention calls on fake
 tensors, the FFN); see ``tests/comfy/test_comfyui_033_calls.py``. The estimator itself is not used at run time:
 it knows only the families in its table and plans on fake tensors, while ComfyUI asks every step.
 

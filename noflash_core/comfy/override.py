@@ -331,7 +331,8 @@ def make_attention_override(
             record("comfy", 0, (0, 0), q, k, reason)
             return out
         out, plan = _run_tiles(call, q, k, v, config, free_memory)
-        record("noflash", plan.tier, (plan.block_m, plan.block_n), q, k, plan.reason)
+        if recorder is not None:
+            recorder(CallRecord.of_plan("noflash", plan, q, k))
         return out
 
     noflash_attention_override.noflash_config = config

@@ -1,16 +1,20 @@
 """The text the VRAM Probe node shows: device, memory, SDPA support, the run estimate and the last run.
 
-The node gathers the pieces (``device_report()``, ``estimate_run(...)``, the run history) and this module turns
-them into plain text. Nothing here imports ComfyUI.
+The node gathers the pieces (``device_report()``, ``estimate_run(...)``, the run history, where it runs) and this
+module turns them into plain text. The last run is that of the probe's own workflow (:func:`run_of_workflow`), as the
+badges are: a run another workflow produced is not this workflow's story. Nothing here imports ComfyUI.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from ..units import format_bytes
 
-__all__ = ["format_device", "format_last_run", "probe_text"]
+__all__ = ["NO_RUN", "format_device", "format_last_run", "probe_text", "run_of_workflow"]
+
+NO_RUN = "Last run: no run of this workflow yet (queue it with a NoFlash-patched model)"
+"""The last-run line when the probe's workflow has no finished patched run."""
 
 
 def format_device(report: Mapping[str, Any]) -> List[str]:
@@ -28,10 +32,29 @@ def format_device(report: Mapping[str, Any]) -> List[str]:
     return lines
 
 
+def run_of_workflow(
+    runs: Iterable[Mapping[str, Any]], origin: Mapping[str, Optional[str]], kind: str = "attention"
+) -> Optional[Dict[str, Any]]:
+    """The newest of ``runs`` (oldest first, as ``RunHistory.runs()``) of ``kind`` that the probe's own workflow
+    produced: the same ``prompt_id`` as ``origin``, or the same ``workflow_id`` (the graph the frontend queued). A run
+    whose origin is unknown matches nothing. When ``origin`` names neither (the probe was called outside ComfyUI's
+    executor, as in a script) there is no workflow to key on: the newest run of ``kind``."""
+    prompt, workflow = origin.get("prompt_id"), origin.get("workflow_id")
+    for run in reversed(list(runs)):
+        if run.get("kind", "attention") != kind:
+            continue
+        if prompt is None and workflow is None:
+            return dict(run)
+        if (prompt is not None and run.get("prompt_id") == prompt) or \
+                (workflow is not None and run.get("workflow_id") == workflow):
+            return dict(run)
+    return None
+
+
 def format_last_run(run: Optional[Mapping[str, Any]]) -> List[str]:
-    """Lines about the last finished sampling run of a patched model (from the run history)."""
+    """Lines about the last finished sampling run of a patched model in this workflow (:func:`run_of_workflow`)."""
     if not run:
-        return ["Last run: none yet (run a workflow with a NoFlash-patched model)"]
+        return [NO_RUN]
     tiers: Dict[str, int] = dict(run.get("tiers") or {})
     mix = ", ".join(f"{t if t == 'comfy' else 'T' + t}: {n}" for t, n in sorted(tiers.items())) or "no calls"
     peak = run.get("peak_bytes")

@@ -13,10 +13,25 @@ Only what decides memory is kept. Sources (public configs, checked against Comfy
 - Llama 3 8B (HunyuanVideo's llava-llama-3): ``Llama2Config`` defaults (32 layers, 4096, 32 heads, 8 KV heads,
   MLP 14336); its template adds 95 tokens.
 - Gemma 2 2B (Lumina 2): ``Gemma2_2B_Config`` (26 layers, width 2304, 8 heads, 4 KV heads, head dim 256, MLP 9216).
+- 2026 encoders, from ComfyUI 0.33's ``comfy/text_encoders/llama.py`` configs (layers, width, heads, KV heads,
+  head dim, MLP): ``Gemma3_12B_Config`` (LTX-2; ``lt.py`` pads to ``min_length=1024``), ``Qwen3_4BConfig`` (Z-Image,
+  ``z_image.py`` ``min_length=1``), ``Qwen3_8BConfig`` (Flux 2 Klein 9B), ``Qwen3VL_4BConfig`` (Krea 2),
+  ``Qwen3VL_8BConfig``, ``Qwen3VL_32BConfig`` (MiniMax H3: the first 50 of 64 layers), ``Mistral3Small24BConfig``
+  (Flux 2 dev, ``flux.py`` ``min_length=1``). Template lengths are assumptions (the tokenizer files are not read
+  here): Qwen chat template 34 tokens as Qwen-Image's, Z-Image's short template 9, Flux 2's system prompt 50,
+  MiniMax H3 none (not chat-templated, ``minimax.py``). Parameter counts from the model names; the 32B truncated
+  to 50 layers is scaled by 50/64 (assumed).
 - VAEs: the SD/SDXL/SD3/Flux ``AutoencoderKL`` decoder (mid-block attention, 512 channels at the latent size; 128
   channels at full size); the Wan 2.1 VAE (Qwen-Image, Wan 2.1, Wan 2.2 A14B: dim 96, mid-block 384 channels, one
   attention per latent frame); the Wan 2.2 TI2V VAE (``vae2_2``: decoder dim 256, mid-block 1024 channels at /16);
-  the HunyuanVideo VAE (conv3d ``AttnBlock``: one attention over all latent frames); the LTXV VAE has no attention.
+  the HunyuanVideo VAE (conv3d ``AttnBlock``: one attention over all latent frames); the LTXV VAE has no attention
+  (LTX-2 uses the same ``causal_video_autoencoder``). ComfyUI 0.33 (``comfy/sd.py``): the Flux 2 VAE is the same
+  ``AutoencodingEngine`` decoder with 32 latent channels (mid-block 512 channels; its working set per pixel is
+  assumed equal to SD's, not measured); the HunyuanVideo 1.5 VAE is ``hunyuan_video/vae_refiner.py``
+  (``block_out_channels`` up to 1024, /16, /4, conv3d ``AttnBlock`` at the mid-block, assumed to attend over all
+  latent frames like HunyuanVideo's); the MiniMax H3 VAE (``ldm/minimax/vae.py``, 24 channels, /16) attends in
+  multi-head transformer blocks through the module-level ``optimized_attention``, which the VAE Patcher cannot
+  reach: no attention row for it. The parameter counts of these two new video VAEs (250M) are assumptions.
 
 ``params`` are approximate parameter counts (for weight memory): from the model cards, or for the VAEs from the
 size of the files ComfyUI's examples use.
@@ -49,7 +64,7 @@ class TextEncoderSpec:
         display: human name.
         layers: transformer layers.
         width: hidden width.
-        heads: attention heads (queries); keys/values are repeated to this many before the attention call.
+        heads: attention heads (queries).
         head_dim: channels per head.
         ffn_dim: MLP intermediate width.
         gated: gated MLP (two up-projections: GEGLU/SwiGLU).
@@ -60,6 +75,9 @@ class TextEncoderSpec:
         mask: what the encoder passes as mask: ``"causal"`` (an ``(L, L)`` float mask), ``"bias"`` (T5's
             ``(b|1, heads, L, L)`` position bias) or ``"none"``.
         skip_reshape: the encoder calls attention with ``(b, h, n, d)`` tensors (Llama family).
+        kv_heads: key/value heads (grouped-query attention); 0 means ``heads``. ComfyUI 0.3.64 repeats k/v to
+            ``heads`` before the call, 0.33 passes them with ``enable_gqa=True``; the estimate plans the repeated
+            form (an upper bound).
     """
 
     name: str
@@ -76,6 +94,7 @@ class TextEncoderSpec:
     chunk: int
     mask: str
     skip_reshape: bool
+    kv_heads: int = 0
 
     def tokens(self, prompt_tokens: int) -> Tuple[int, int]:
         """``(batch, sequence length)`` of the encoder's forward for a prompt of ``prompt_tokens`` tokens."""
@@ -143,10 +162,22 @@ TEXT_ENCODERS: Dict[str, TextEncoderSpec] = {
         TextEncoderSpec("umt5-xxl", "UMT5-XXL encoder", 24, 4096, 64, 64, 10240, True, 5.68e9, 512, 0, 0, "bias",
                         False),
         TextEncoderSpec("qwen2.5-vl-7b", "Qwen2.5-VL 7B", 28, 3584, 28, 128, 18944, True, 8.29e9, 1, 34, 0,
-                        "causal", True),
+                        "causal", True, 4),
         TextEncoderSpec("llama-3-8b", "Llama 3 8B (llava)", 32, 4096, 32, 128, 14336, True, 8.03e9, 1, 95, 0,
-                        "causal", True),
-        TextEncoderSpec("gemma-2-2b", "Gemma 2 2B", 26, 2304, 8, 256, 9216, True, 2.61e9, 1, 0, 0, "causal", True),
+                        "causal", True, 8),
+        TextEncoderSpec("gemma-2-2b", "Gemma 2 2B", 26, 2304, 8, 256, 9216, True, 2.61e9, 1, 0, 0, "causal", True, 4),
+        TextEncoderSpec("gemma-3-12b", "Gemma 3 12B", 48, 3840, 16, 256, 15360, True, 12e9, 1024, 0, 0, "causal",
+                        True, 8),
+        TextEncoderSpec("qwen3-4b", "Qwen3 4B", 36, 2560, 32, 128, 9728, True, 4e9, 1, 9, 0, "causal", True, 8),
+        TextEncoderSpec("qwen3-8b", "Qwen3 8B", 36, 4096, 32, 128, 12288, True, 8e9, 1, 34, 0, "causal", True, 8),
+        TextEncoderSpec("qwen3-vl-4b", "Qwen3-VL 4B", 36, 2560, 32, 128, 9728, True, 4e9, 1, 34, 0, "causal", True,
+                        8),
+        TextEncoderSpec("qwen3-vl-8b", "Qwen3-VL 8B", 36, 4096, 32, 128, 12288, True, 8e9, 1, 34, 0, "causal", True,
+                        8),
+        TextEncoderSpec("qwen3-vl-32b", "Qwen3-VL 32B (50 layers)", 50, 5120, 64, 128, 25600, True, 32e9 * 50 / 64,
+                        1, 0, 0, "causal", True, 8),
+        TextEncoderSpec("mistral-small-24b", "Mistral Small 3 24B", 40, 5120, 32, 128, 32768, True, 24e9, 1, 50, 0,
+                        "causal", True, 8),
     )
 }
 
@@ -158,6 +189,9 @@ VAES: Dict[str, VAESpec] = {
         VAESpec("wan2.2", "Wan 2.2 TI2V VAE", 16, 4, 1024, 256, 353e6, "one", 4354.6, 3.05, 1322.9),
         VAESpec("hunyuanvideo", "HunyuanVideo VAE", 8, 4, 512, 128, 246e6, "all", 0.0, 1100.0),
         VAESpec("ltxv", "LTX-Video VAE", 32, 8, 0, 128, 419e6),
+        VAESpec("flux2", "Flux 2 VAE", 8, 1, 512, 128, 84e6, "one", 640.0),
+        VAESpec("hunyuanvideo-1.5", "HunyuanVideo 1.5 VAE", 16, 4, 1024, 128, 250e6, "all"),
+        VAESpec("minimax-h3", "MiniMax H3 VAE", 16, 4, 0, 128, 250e6),
     )
 }
 

@@ -41,13 +41,13 @@ def _model_table() -> str:
     from .target import device_choices
 
     rows = [
-        "model          VAE (t, px, ch)  patch    heads x dim   FFN      blocks  text  name",
+        "model              VAE (t, px, ch)  patch    heads x dim   FFN      blocks  text  name",
     ]
     for f in MODEL_FAMILIES.values():
         s = f.stages[0]
         text = f"+{f.joint_text_tokens}" if f.joint_text_tokens else (f"x{f.cross_tokens}" if f.cross_tokens else "-")
         rows.append(
-            f"{f.name:<14} {f.vae_temporal:>2}, {f.vae_spatial:>2}, {f.latent_channels:>3}     "
+            f"{f.name:<18} {f.vae_temporal:>2}, {f.vae_spatial:>2}, {f.latent_channels:>3}     "
             f"{'x'.join(map(str, f.patch)):<8} {s.heads:>3} x {s.head_dim:<5}   {s.ffn_dim:<7}  {f.layers:>4}  "
             f"{text:>5}  {f.display}"
         )

@@ -15,11 +15,11 @@ import torch
 
 from ..memory.fake_peak import AttentionShape
 from ..units import format_bytes
-from ..video.families import AttentionStage, ModelFamily
+from ..video.families import ModelFamily, StageCalls, attention_calls
 from .calls import attention_budget, estimate_attention, free_bytes
 from .comfy_attention import ComfyPaths
 from .ffn import estimate_ffn, ffn_chunks
-from .geometry import latent_and_grid, stage_tokens
+from .geometry import latent_and_grid
 from .results import AttentionEstimate, DenoiseEstimate, FFNEstimate, Phase
 
 __all__ = ["estimate_denoise", "fits"]
@@ -37,6 +37,7 @@ class _Geometry:
     batch: int
     dtype: torch.dtype
     paths: ComfyPaths
+    frames: int = 1
 
 
 @dataclass
@@ -53,25 +54,23 @@ class _Blocks:
         return max(self.peaks[0]), max(self.peaks[1]), max(self.peaks[2])
 
 
-def _add_stage(out: _Blocks, g: _Geometry, index: int, stage: AttentionStage, vram: Optional[int],
+def _add_stage(out: _Blocks, g: _Geometry, stage_calls: StageCalls, vram: Optional[int],
                loaded_weights: int) -> None:
-    """One stage's attention calls (self, and cross where the model has it) and FFN, into ``out``."""
-    fam = g.fam
-    q_len = stage_tokens(g.grid, stage) + fam.joint_text_tokens
+    """One stage's attention calls (from :func:`~noflash_core.video.families.attention_calls`: self, cross,
+    audio streams, reference images) and its FFN, into ``out``."""
+    fam, stage, q_len = g.fam, stage_calls.stage, stage_calls.tokens
     act = g.batch * q_len * stage.heads * stage.head_dim * g.dtype.itemsize
     out.activation_bytes = max(out.activation_bytes, 5 * act)
     budget = attention_budget(vram, loaded_weights + 5 * act)
     free = free_bytes(vram, loaded_weights + 5 * act)
-    suffix = f" (stage {index + 1}, /{stage.downsample})" if len(fam.stages) > 1 else ""
-    calls = [("self" + suffix, q_len)] + ([("cross" + suffix, fam.cross_tokens)] if fam.cross_tokens else [])
     comfy = noflash = 0
-    for name, kv_len in calls:
-        shape = AttentionShape(g.batch, stage.heads, q_len, kv_len, stage.head_dim)
-        est = estimate_attention(name, shape, g.dtype, budget, g.paths, free, fam.skip_reshape)
+    for call in stage_calls.calls:
+        shape = AttentionShape(g.batch, call.heads, call.q_len, call.kv_len, call.head_dim)
+        est = estimate_attention(call.name, shape, g.dtype, budget, g.paths, free, fam.skip_reshape)
         out.attention.append(est)
         comfy, noflash = max(comfy, est.comfy_bytes), max(noflash, est.peak_bytes)
         if not est.verified:
-            out.notes.append(f"{name}: the fake-run extrapolation was not verified; its peak is approximate")
+            out.notes.append(f"{call.name}: the fake-run extrapolation was not verified; its peak is approximate")
     chunks = ffn_chunks(g.batch, q_len, stage.ffn_dim, fam.ffn_kind, g.dtype.itemsize, budget)
     ffn = estimate_ffn(stage, fam.ffn_kind, g.batch, q_len, g.dtype, chunks)
     out.ffn.append(ffn)
@@ -83,8 +82,8 @@ def _add_stage(out: _Blocks, g: _Geometry, index: int, stage: AttentionStage, vr
 def _blocks(g: _Geometry, vram: Optional[int], loaded_weights: int) -> _Blocks:
     """Every stage's attention calls and FFN, with ``loaded_weights`` on the device."""
     out = _Blocks()
-    for i, stage in enumerate(g.fam.stages):
-        _add_stage(out, g, i, stage, vram, loaded_weights)
+    for stage_calls in attention_calls(g.fam, g.grid, g.frames):
+        _add_stage(out, g, stage_calls, vram, loaded_weights)
     return out
 
 
@@ -111,7 +110,7 @@ def estimate_denoise(fam: ModelFamily, size: Tuple[int, int, int], batch: int, d
     latent, grid = latent_and_grid(fam, *size)
     weights = int(fam.nominal_params * weights_format[1])
     block_weights = int(math.ceil(weights / max(1, fam.layers)))
-    g = _Geometry(fam, grid, batch, dtype, paths)
+    g = _Geometry(fam, grid, batch, dtype, paths, size[2])
     resident = vram is None or weights < vram
     blocks = _blocks(g, vram, weights if resident else block_weights)
     if resident and vram is not None and weights + blocks.working[2] > vram:
@@ -134,4 +133,6 @@ def estimate_denoise(fam: ModelFamily, size: Tuple[int, int, int], batch: int, d
                      "by block (ComfyUI low-VRAM mode), which is much slower")
     if fam.joint_text_tokens and fam.name == "qwen-image":
         notes.append("Qwen-Image's prompt length varies; the transformer assumes 256 text tokens")
+    if fam.assumed:
+        notes.append(f"{fam.display}: assumed {'; '.join(fam.assumed)}")
     return d, _phase(d, vram), notes

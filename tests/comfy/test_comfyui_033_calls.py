@@ -322,12 +322,12 @@ def test_wan22_5b_memory_required_follows_noflash(comfy):
     patched = _node(comfy, "NoFlashAttentionPatcher", wan, True, 1024, 0)
     cfg_pair, single = _estimate_memory_through_wrappers(patched, latent.shape)
 
-    estimator = comfy.module("noflash_core.video.estimator")
+    estimator = comfy.module("noflash_core.vram")
     for batch, planned in ((2, cfg_pair), (1, single)):
         est = estimator.estimate_run("wan2.2-5b", 1280, 704, 121, batch=batch, dtype="bf16", device="gfx1030",
                                      text_encoders="none", vae="none")
-        ratio = planned / est.working_noflash_bytes
-        assert 0.5 <= ratio <= 2.0, (batch, planned / 2**30, est.working_noflash_bytes / 2**30)
+        ratio = planned / est.denoise.working_noflash_bytes
+        assert 0.5 <= ratio <= 2.0, (batch, planned / 2**30, est.denoise.working_noflash_bytes / 2**30)
     # The unpatched model (and the patched clone outside its run) keep ComfyUI's figure: quadratic attention.
     assert sampler_helpers.estimate_memory(wan, latent.shape, {}) == before
     assert "memory_required" not in vars(wan.model)

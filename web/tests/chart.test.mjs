@@ -18,8 +18,10 @@ import {
   verdictStyle,
   wrapText,
 } from "../noflash_chart.js";
+import { formatBytes } from "../noflash_format.js";
 
-// Real estimates written by noflash_core.video.report.chart() (python -m noflash_core.video, same numbers).
+// Real estimates: estimate_run(...).to_chart() (noflash_core/vram/report.py), what the VRAM Probe sends. Regenerate
+// with `python -m tests.support.chart_fixtures`; tests/test_chart_fixtures.py fails when one is stale.
 const fixture = (name) => JSON.parse(readFileSync(new URL(`./fixtures/${name}`, import.meta.url)));
 const flux = fixture("flux_1536_gfx1010.json");
 const wanArc = fixture("wan22_5b_arc.json");
@@ -48,13 +50,70 @@ test("scale: the VRAM line is inside the chart, huge bars are clipped", () => {
   assert.ok(chartScale(wanArc) <= wanArc.vram_bytes * CHART.maxOverVram + 1);
 });
 
-test("bars are proportional to bytes", () => {
-  const lay = layoutChart(flux, 600);
-  const a = lay.rows.find((r) => r.name === "vae_comfy");
-  const b = lay.rows.find((r) => r.name === "vae_noflash");
-  const ratio = flux.components.find((c) => c.name === "vae_comfy").bytes /
-    flux.components.find((c) => c.name === "vae_noflash").bytes;
-  assert.ok(Math.abs(a.w / b.w - ratio) < 0.05 * ratio);
+const WIDTHS = [300, 480, 640, 900];
+const byName = (data, name) => data.components.find((c) => c.name === name);
+
+test("bars are proportional to bytes, past the scale they are clipped", () => {
+  for (const data of [flux, wanArc]) {
+    for (const width of WIDTHS) {
+      const lay = layoutChart(data, width);
+      assert.equal(lay.rows.length, data.components.length);
+      for (const r of lay.rows) {
+        const bytes = byName(data, r.name).bytes;
+        const exact = (bytes / lay.scale) * lay.barArea;
+        assert.equal(r.x, lay.barX);
+        if (bytes > lay.scale) {
+          assert.ok(r.clipped && r.w === lay.barArea, `${r.name} at ${width}px`);
+        } else {
+          const drawn = `${r.name} at ${width}px: ${r.w} px for ${exact.toFixed(2)}`;
+          assert.ok(!r.clipped && Math.abs(r.w - Math.max(1, exact)) <= 0.5, drawn);
+        }
+      }
+    }
+  }
+  // A ratio drawn is the ratio of the bytes (to 1 px): Flux's sub-quadratic attention vs noflash's.
+  const lay = layoutChart(flux, 900);
+  const [comfy, noflash] = ["attention_comfy", "attention_noflash"].map((n) => lay.rows.find((r) => r.name === n));
+  const ratio = byName(flux, "attention_comfy").bytes / byName(flux, "attention_noflash").bytes;
+  assert.ok(Math.abs(comfy.w / noflash.w - ratio) <= ratio / noflash.w, `${comfy.w}/${noflash.w} vs ${ratio}`);
+});
+
+test("the VRAM line is at the card's memory; the bars past it are the totals that do not fit", () => {
+  for (const data of [flux, wanArc]) {
+    for (const width of WIDTHS) {
+      const lay = layoutChart(data, width);
+      assert.ok(Math.abs(lay.vramX - lay.barX - (data.vram_bytes / lay.scale) * lay.barArea) <= 0.5);
+      for (const r of lay.rows) {
+        const c = byName(data, r.name);
+        assert.equal(r.over, c.kind === "total" && c.bytes > data.vram_bytes, r.name);
+        if (c.kind === "total") assert.equal(r.over, !c.fits, `${r.name}: the estimator's verdict and the bar agree`);
+        if (Math.abs(c.bytes - data.vram_bytes) / lay.scale * lay.barArea > 1) {
+          assert.equal(r.x + r.w > lay.vramX, c.bytes > data.vram_bytes, `${r.name} at ${width}px`);
+        }
+      }
+    }
+  }
+  assert.equal(wanArc.vram_bytes, 16 * 2 ** 30);
+  assert.equal(flux.vram_bytes, 8 * 2 ** 30);
+  assert.ok(layoutChart(wanArc, 480).rows.find((r) => r.name === "denoise_comfy").over);
+});
+
+test("value labels are the bytes formatted, the same text as the estimator's report", () => {
+  for (const data of [flux, wanArc]) {
+    const lay = layoutChart(data, 480);
+    for (const r of lay.rows) {
+      const c = byName(data, r.name);
+      assert.equal(r.valueText, (r.clipped ? "\u00bb " : "") + formatBytes(c.bytes));
+      if (c.label.includes("(streamed)")) continue; // one block of streamed weights; the report gives the file size
+      assert.ok(data.text.includes(formatBytes(c.bytes)), `${r.name}: ${formatBytes(c.bytes)} is not in the report`);
+    }
+    assert.ok(deviceLine(data).includes(formatBytes(data.vram_bytes)));
+    assert.ok(data.verdict_text.includes(formatBytes(data.vram_bytes)));
+  }
+  const denoise = (data, path) => formatBytes(byName(data, `denoise_${path}`).bytes);
+  assert.ok(wanArc.advice.includes(`denoise ${denoise(wanArc, "comfy")} -> ${denoise(wanArc, "noflash")}`));
+  assert.ok(flux.verdict_text.endsWith(`(largest: VAE decode, ${formatBytes(byName(flux, "vae_comfy").bytes)})`));
+  assert.equal(formatBytes(byName(wanArc, "attention_comfy").bytes), "66.8 GiB"); // ComfyUI's math SDPA, 27,280 tokens
 });
 
 test("verdict and device lines", () => {
