@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -107,8 +107,7 @@ def setup_comfyui() -> str:
     return path
 
 
-@dataclasses.dataclass(frozen=True)
-class ComfyFeatures:
+class ComfyFeatures(NamedTuple):
     """What the running ComfyUI has, found by looking at its code (never by comparing version strings).
 
     Attributes:
@@ -122,6 +121,9 @@ class ComfyFeatures:
         flux_txt_ids_dims: ``FluxParams`` has the ``txt_ids_dims`` field.
         wan_vae_cache_layers: the Wan VAE decodes two latent frames per step with a layer cache
             (``comfy.ldm.wan.vae.count_cache_layers``); it needs less working memory than 0.3.64's.
+
+    A NamedTuple, not a dataclass: some test files load this module from its path without registering it in
+    ``sys.modules``, which a dataclass needs.
     """
 
     version: str
