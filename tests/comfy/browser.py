@@ -20,6 +20,8 @@ import time
 import urllib.request
 from typing import Iterator, Optional
 
+from comfy_runtime import frontend_path
+
 __all__ = [
     "APP_JS",
     "CHROMIUM",
@@ -98,7 +100,8 @@ def comfyui_server(path: str, base: str, env_path: str, settings: Optional[dict]
                    "Comfy.Minimap.Visible": False, **(settings or {})}, f)
     port = free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env_path, env.get("PYTHONPATH")) if p)
+    # COMFYUI_FRONTEND_PATH (a pip --target folder with this ComfyUI's pinned frontend) first, as CI sets it for 0.33.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (frontend_path(), env_path, env.get("PYTHONPATH")) if p)
     log_path = os.path.join(base, "server.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -8,10 +8,13 @@ checkout whose requirements are installed (see README.md, "Testing against a rea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -20,6 +23,12 @@ __all__ = [
     "IMPORT_STUBS",
     "comfyui_path",
     "setup_comfyui",
+    "ComfyFeatures",
+    "detect_features",
+    "FRONTEND_PATH_ENV",
+    "frontend_path",
+    "frontend_versions",
+    "server_pythonpath",
     "load_core_nodes",
     "load_pack",
     "make_custom_nodes_dir",
@@ -45,6 +54,36 @@ def comfyui_path() -> Optional[str]:
     return None
 
 
+FRONTEND_PATH_ENV = "COMFYUI_FRONTEND_PATH"
+
+
+def frontend_path() -> Optional[str]:
+    """``COMFYUI_FRONTEND_PATH``: a ``pip install --no-deps --target`` folder holding the frontend package that
+    ComfyUI at ``COMFYUI_PATH`` pins, when it differs from site-packages' (two ComfyUI versions, one environment)."""
+    return os.environ.get(FRONTEND_PATH_ENV) or None
+
+
+def frontend_versions(path: str) -> Tuple[Optional[str], Optional[str]]:
+    """(the ``comfyui-frontend-package`` version that ComfyUI at ``path`` pins in its requirements.txt, the version
+    its server will import with :func:`frontend_path` first on its path); None where there is none."""
+    required = None
+    with open(os.path.join(path, "requirements.txt"), encoding="utf-8") as f:
+        for line in f:
+            name, _, version = line.partition("==")
+            if name.strip() == "comfyui-frontend-package" and version.strip():
+                required = version.strip()
+    search = [p for p in (frontend_path(),) if p] + sys.path
+    dist = next(iter(importlib.metadata.distributions(name="comfyui-frontend-package", path=search)), None)
+    return required, (dist.version if dist is not None else None)
+
+
+def server_pythonpath() -> str:
+    """``PYTHONPATH`` for a ComfyUI server process: the frontend folder (if any) first, so the server serves and
+    version-checks that frontend; the import stand-ins; then the caller's ``PYTHONPATH``."""
+    parts = (frontend_path(), IMPORT_STUBS, os.environ.get("PYTHONPATH"))
+    return os.pathsep.join(p for p in parts if p)
+
+
 def setup_comfyui() -> str:
     """Make ComfyUI importable (first on ``sys.path``), on CPU; returns its path."""
     path = comfyui_path()
@@ -66,6 +105,54 @@ def setup_comfyui() -> str:
     if not os.path.abspath(nodes.__file__).startswith(path):
         raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
     return path
+
+
+class ComfyFeatures(NamedTuple):
+    """What the running ComfyUI has, found by looking at its code (never by comparing version strings).
+
+    Attributes:
+        version: ``comfyui_version.__version__``, for messages only.
+        attention_kwargs: its attention functions read ``scale=`` / ``enable_gqa=`` from their keywords (0.33).
+        attention_container: ``comfy.ldm.modules.attention.AttentionTensorContainer`` exists (q/k/v may come wrapped;
+            ``wrap_attn`` unwraps them unless the override has a ``container_function``).
+        set_model_optimized_attention: ``ModelPatcher.set_model_optimized_attention`` exists (core node
+            ``ModelAttentionBackend`` writes the override through it).
+        patcher_free_memory: ``ModelPatcher.get_free_memory`` exists (free memory under comfy-aimdo's dynamic VRAM).
+        flux_txt_ids_dims: ``FluxParams`` has the ``txt_ids_dims`` field.
+        wan_vae_cache_layers: the Wan VAE decodes two latent frames per step with a layer cache
+            (``comfy.ldm.wan.vae.count_cache_layers``); it needs less working memory than 0.3.64's.
+
+    A NamedTuple, not a dataclass: some test files load this module from its path without registering it in
+    ``sys.modules``, which a dataclass needs.
+    """
+
+    version: str
+    attention_kwargs: bool
+    attention_container: bool
+    set_model_optimized_attention: bool
+    patcher_free_memory: bool
+    flux_txt_ids_dims: bool
+    wan_vae_cache_layers: bool
+
+
+def detect_features() -> ComfyFeatures:
+    """The features of the ComfyUI that :func:`setup_comfyui` made importable."""
+    import comfy.ldm.flux.model as flux
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.wan.vae as wan_vae
+    import comfy.model_patcher as model_patcher
+    import comfyui_version
+
+    patcher = model_patcher.ModelPatcher
+    return ComfyFeatures(
+        version=str(getattr(comfyui_version, "__version__", "unknown")),
+        attention_kwargs="enable_gqa" in inspect.getsource(attention.attention_pytorch),
+        attention_container=hasattr(attention, "AttentionTensorContainer"),
+        set_model_optimized_attention=hasattr(patcher, "set_model_optimized_attention"),
+        patcher_free_memory=hasattr(patcher, "get_free_memory"),
+        flux_txt_ids_dims="txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)},
+        wan_vae_cache_layers=hasattr(wan_vae, "count_cache_layers"),
+    )
 
 
 def load_core_nodes() -> None:
@@ -104,8 +191,12 @@ def load_pack(base: str):
 
 
 def pack_module(pack, dotted: str):
-    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy.telemetry")``."""
-    return sys.modules[f"{pack.__name__}.{dotted}"]
+    """A submodule of the loaded pack, e.g. ``pack_module(pack, "noflash_core.comfy.telemetry")``; imported (as the
+    pack's own copy) when the pack has not imported it yet, so that no test depends on which ran before it."""
+    name = f"{pack.__name__}.{dotted}"
+    if name not in sys.modules:
+        importlib.import_module(name)
+    return sys.modules[name]
 
 
 def _random_state_dict(module: torch.nn.Module, seed: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -137,13 +228,16 @@ def tiny_flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> D
     """A Flux.1-dev state dict that ComfyUI detects. Detection fixes hidden 3072 / 24 heads / context 4096, so
     it is as small as that allows: one double block, no single blocks (about 0.8 GB in fp16)."""
     import comfy.ops
-    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.flux.model import Flux, FluxParams
 
+    extra = {}
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        extra["txt_ids_dims"] = []  # newer ComfyUI (0.33): what its detection gives Flux.1
     with torch.device("meta"):
         model = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
                      mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
                      theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                     operations=comfy.ops.disable_weight_init)
+                     operations=comfy.ops.disable_weight_init, **extra)
     return _random_state_dict(model, seed, dtype)
 
 

@@ -8,6 +8,7 @@ import types
 import pytest
 from comfy_runtime import (
     comfyui_path,
+    detect_features,
     load_core_nodes,
     load_pack,
     pack_module,
@@ -36,6 +37,13 @@ def comfy(tmp_path_factory):
         node=nodes.NODE_CLASS_MAPPINGS.__getitem__,
         module=lambda dotted: pack_module(pack, dotted),
     )
+
+
+@pytest.fixture(scope="session")
+def comfy_features(comfy):
+    """:class:`comfy_runtime.ComfyFeatures` of the ComfyUI under test: what it has, found in its code (tests
+    branch on these, never on version strings)."""
+    return detect_features()
 
 
 @pytest.fixture(scope="session")

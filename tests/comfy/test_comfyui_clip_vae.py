@@ -89,8 +89,10 @@ def test_clip_l_patched_equals_original_and_never_calls_comfy_attention(comfy, c
     comfy_calls = counter.calls
     assert comfy_calls == 12  # CLIP-L: one attention_basic call per layer
 
+    before = dict(clip_l.patcher.object_patches)  # ComfyUI 0.33 gives every CLIP a manual_cast_dtype patch
+    assert "encode_token_weights" not in before
     patched_clip = _node(comfy, "NoFlashCLIPPatcher", clip_l, True, 0, 0)
-    assert clip_l.patcher.object_patches == {}  # the input CLIP is not patched
+    assert clip_l.patcher.object_patches == before  # the input CLIP is not patched
     patched = patched_clip.encode_from_tokens(tokens, return_pooled=True)
     assert counter.calls == comfy_calls  # ComfyUI's own attention was not called by the patched encoder
     stats = _router(patched_clip).stats
