@@ -51,7 +51,8 @@ class NoFlashAttentionPatcher(io.ComfyNode):
                 "fit anyway and the fused paths are faster there. The default suits image and video models: leave it.",
             ),
             io.Combo.Input(
-                "tune", options=["off", "first run"], default="off", optional=True,  # API prompts saved before it existed still run
+                # optional: API-format prompts saved before this input existed still run
+                "tune", options=["off", "first run"], default="off", optional=True,
                 tooltip=f"first run: the first sampling step times up to {_POLICY.max_candidates} exact plans "
                 f"for each new attention shape (at most {_POLICY.step_multiple:g}x that call's untuned time) and "
                 "remembers the fastest in the tuning cache; later runs start tuned. off: measure nothing (plans "
