@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..noflash_core.comfy.memory import planned_memory
+from ..noflash_core.comfy.module_swap import ModuleAttentionRouter
 from ..noflash_core.comfy.override import (
     OverrideConfig,
     is_noflash_override,
@@ -189,7 +190,26 @@ def _install(m, config: OverrideConfig, previous, node_ids: Sequence[Optional[st
                                                 free_memory=_free_memory_reader(m)))
     m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, CALLBACK_KEY)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, CALLBACK_KEY, _sampling_wrapper(monitor))
+    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, CALLBACK_KEY)
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, CALLBACK_KEY, _module_attention_wrapper)
     return m
+
+
+_MODULE_ATTENTION = ModuleAttentionRouter()
+
+
+def _module_attention_wrapper(executor, *args, **kwargs):
+    """An ``APPLY_MODEL`` wrapper: during this clone's model call, attention that its diffusion model calls through
+    the module-level function without ``transformer_options`` goes to the clone's noflash override too
+    (``module_swap``); only while the override in the call's options is noflash's and enabled (a later
+    ``ModelAttentionBackend`` wins). ComfyUI passes ``(x, t, c_concat, c_crossattn, control, transformer_options)``."""
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+    override = (options or {}).get(OVERRIDE_KEY)
+    model = getattr(executor.class_obj, "diffusion_model", None)
+    if model is None or not is_noflash_override(override) or not override_config(override).enabled:
+        return executor(*args, **kwargs)
+    with _MODULE_ATTENTION.routing(model, override):
+        return executor(*args, **kwargs)
 
 
 def _producers(override) -> List[str]:

@@ -26,13 +26,17 @@ import functools
 import sys
 import threading
 import types
+import weakref
 from typing import Callable, Iterator, List
 
 import torch
 
-__all__ = ["global_users", "swapped_globals"]
+__all__ = ["GLOBAL_ATTENTION", "ModuleAttentionRouter", "global_users", "swapped_globals"]
 
 _LOCK = threading.RLock()
+
+GLOBAL_ATTENTION = "optimized_attention"
+"""The module-level name diffusion models call ComfyUI's attention through."""
 
 
 def _code_loads(code: types.CodeType, name: str) -> bool:
@@ -90,3 +94,42 @@ def swapped_globals(modules: List[types.ModuleType], name: str,
         finally:
             for mod, original in reversed(saved):
                 setattr(mod, name, original)
+
+
+class ModuleAttentionRouter:
+    """The diffusion-model side of the scheme: for one clone's forward, the modules of its model that call the
+    global ``optimized_attention`` get a version that hands calls made *without* ``transformer_options`` (which the
+    per-model override never sees: ERNIE-Image, ACE-Step 1.5, HunyuanDiT, PixArt, the Wan audio adapters, ...) to
+    that clone's override; calls that pass ``transformer_options`` run unchanged (the override reaches them
+    already). ``users`` of each model are found once and kept per model (weakly)."""
+
+    def __init__(self) -> None:
+        self._users: weakref.WeakKeyDictionary[torch.nn.Module, List[types.ModuleType]] = weakref.WeakKeyDictionary()
+
+    def users(self, model: torch.nn.Module) -> List[types.ModuleType]:
+        found = self._users.get(model)
+        if found is None:
+            found = self._users[model] = global_users(model, GLOBAL_ATTENTION)
+        return found
+
+    @staticmethod
+    def route(override: Callable) -> Callable[[Callable], Callable]:
+        """``wrap(original)`` for :func:`swapped_globals`: ``override(original, *args, **kwargs)`` for calls without
+        ``transformer_options``, the original for the others."""
+
+        def wrap(original: Callable) -> Callable:
+            @functools.wraps(original)
+            def routed(*args, **kwargs):
+                if kwargs.get("transformer_options") is not None:
+                    return original(*args, **kwargs)
+                return override(original, *args, **kwargs)
+
+            return routed
+
+        return wrap
+
+    @contextlib.contextmanager
+    def routing(self, model: torch.nn.Module, override: Callable) -> Iterator[int]:
+        """Within the block, ``model``'s module-level attention calls go to ``override``; yields how many modules."""
+        with swapped_globals(self.users(model), GLOBAL_ATTENTION, self.route(override)) as swapped:
+            yield swapped

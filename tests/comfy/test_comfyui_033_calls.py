@@ -288,6 +288,35 @@ def test_krea2_through_the_attention_patcher(comfy, krea2):
     torch.testing.assert_close(_sample(krea2, latent, positive, negative), reference, atol=0, rtol=0)
 
 
+
+def test_ernie_image_module_level_attention_through_the_attention_patcher(comfy):
+    """ERNIE-Image calls the module-level ``optimized_attention`` without ``transformer_options``: the override
+    never sees it, so the patcher's APPLY_MODEL wrapper swaps the module's name for the clone's call only."""
+    if not tm.has_comfy_033_attention():
+        pytest.skip("ERNIE-Image is a ComfyUI 0.33+ model")
+    import comfy.ldm.ernie.model as ernie_module
+
+    ernie = tm.tiny_ernie_image()
+    positive, negative = tm.ernie_conditioning()
+    latent = torch.zeros(1, 128, 12, 12)  # 144 image tokens (+ 10 text tokens) per call
+    function = ernie_module.optimized_attention
+    reference = _sample(ernie, latent, positive, negative)
+    module_swap = comfy.module("noflash_core.comfy.module_swap")
+    exact = module_swap.ModuleAttentionRouter.route(_float64_sampler_override)
+    with module_swap.swapped_globals([ernie_module], "optimized_attention", exact):
+        truth = _sample(ernie, latent, positive, negative)
+
+    patched = _node(comfy, "NoFlashAttentionPatcher", ernie, True, 0, 0)
+    out = _sample(patched, latent, positive, negative)
+    err = (out.double() - truth.double()).abs().max().item()
+    tol = _tolerance(reference, truth.double())
+    assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e}"
+    run = comfy.module("noflash_core.comfy.telemetry").default_history().latest()
+    # 2 steps x (cond and uncond batched) x 2 layers, every one through noflash's tiles
+    assert run["label"] == "ErnieImage" and run["calls"] == 2 * 2 and "comfy" not in run["tiers"], run
+    assert ernie_module.optimized_attention is function  # the module's name is back after the clone's calls
+    torch.testing.assert_close(_sample(ernie, latent, positive, negative), reference, atol=0, rtol=0)
+
 # ---- ComfyUI's memory planning -------------------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "has_comfy_033_attention",
     "krea2_conditioning",
     "qwen3_06b_clip",
+    "ernie_conditioning",
+    "tiny_ernie_image",
     "tiny_krea2_state_dict",
     "wan22_5b_meta",
 ]
@@ -101,3 +103,29 @@ def wan22_5b_meta():
     model = config.get_model(sd, "", device=torch.device("meta"))
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def tiny_ernie_image(seed: int = 0):
+    """An ERNIE-Image (``ErnieImageModel``) ModelPatcher through 0.33's own ``supported_models.ErnieImage`` config
+    and ``model_base``: detection fixes the width at 4096 (36 layers), so the tiny sizes are passed as the config
+    (hidden 128 = 2 heads of 64, 2 layers, 128 latent channels as Flux 2's, text width 64) and random weights are
+    loaded. Its attention calls the module-level ``optimized_attention`` without ``transformer_options``."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_runtime import _random_state_dict
+
+    config = comfy.supported_models.ErnieImage({
+        "image_model": "ernie", "hidden_size": 128, "num_attention_heads": 2, "num_layers": 2, "ffn_hidden_size": 256,
+        "in_channels": 128, "out_channels": 128, "text_in_dim": 64, "rope_axes_dim": (16, 24, 24)})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(_random_state_dict(model.diffusion_model, seed, torch.float32))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def ernie_conditioning(tokens: int = 10, seed: int = 4):
+    """(positive, negative) for :func:`tiny_ernie_image`: ``(1, tokens, 64)``."""
+    g = torch.Generator().manual_seed(seed)
+    return ([[torch.randn(1, tokens, 64, generator=g) * 0.5, {}]],
+            [[torch.randn(1, tokens, 64, generator=g) * 0.5, {}]])
