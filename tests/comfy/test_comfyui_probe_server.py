@@ -18,7 +18,7 @@ import sys
 
 import pytest
 from comfy_runtime import REPO_ROOT, comfyui_path
-from server import ComfyServer
+from comfy_server import ComfyServer
 
 PAIRS = [
     ("wan2.2-5b", 1280, 704, 121, "arc"),
