@@ -46,7 +46,7 @@ def _prompt(*, patch=None, tier=None, hold=None, cap_kib=None, inspect=None, cli
     model = ["1", 0]
     if patch is not None:
         p["2"] = {"class_type": "NoFlashAttentionPatcher",
-                  "inputs": {"model": model, "enabled": True, "min_tokens": 0, "budget_mb": patch}}
+                  "inputs": {"model": model, "enabled": True, "min_tokens": 0, "budget_mb": patch, "tune": "off"}}
         model = ["2", 0]
     if tier is not None:
         p["3"] = {"class_type": "NoFlashTierSelector", "inputs": {"model": model, "tier": str(tier), "block_m": 0,

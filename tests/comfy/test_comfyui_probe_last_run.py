@@ -69,7 +69,7 @@ def _sampling_prompt():
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "NoFlashAttentionPatcher",
-              "inputs": {"model": ["1", 0], "enabled": True, "min_tokens": 0, "budget_mb": 0}},
+              "inputs": {"model": ["1", 0], "enabled": True, "min_tokens": 0, "budget_mb": 0, "tune": "off"}},
         "4": {"class_type": "CLIPLoader",
               "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "stable_diffusion", "device": "default"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 0], "text": "a red fox in snow"}},
