@@ -272,6 +272,20 @@ def test_hunyuanvideo15_vae_through_vae_patcher(rt):
     assert vae.patcher.object_patches == {}
 
 
+def _run_patched(patcher, patches, call):
+    """``call()`` under ``torch.no_grad`` with the object ``patches`` (``{key: value}``) on a clone of ``patcher``, as
+    ComfyUI applies them; the clone is unpatched afterwards, also when ``call`` raises."""
+    clone = patcher.clone()
+    for key, fn in patches.items():
+        clone.add_object_patch(key, fn)
+    clone.patch_model()
+    try:
+        with torch.no_grad():
+            return call()
+    finally:
+        clone.unpatch_model()
+
+
 def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
     seedvr_vae = _require("comfy.ldm.seedvr.vae")
     import comfy.model_patcher
@@ -291,15 +305,7 @@ def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
     patcher = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
 
     def run(patches):
-        clone = patcher.clone()
-        for key, fn in patches.items():
-            clone.add_object_patch(key, fn)
-        clone.patch_model()
-        try:
-            with torch.no_grad():
-                return holder.attn(x)
-        finally:
-            clone.unpatch_model()
+        return _run_patched(patcher, patches, lambda: holder.attn(x))
 
     original = run({})
     noflash = vae_mod.VAEAttention(holder.attn.optimized_vae_attention, override.OverrideConfig(min_tokens=0))
@@ -337,15 +343,7 @@ def test_minimax_h3_vae_module_level_attention_reached_through_decode(rt):
     patcher = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
 
     def run(router=None):
-        clone = patcher.clone()
-        if router is not None:
-            clone.add_object_patch("decode", router)
-        clone.patch_model()
-        try:
-            with torch.no_grad():
-                return holder.decode(x)
-        finally:
-            clone.unpatch_model()
+        return _run_patched(patcher, {} if router is None else {"decode": router}, lambda: holder.decode(x))
 
     original = run()
     noflash = vae_mod.VAEGlobalRouter(holder.decode, holder, override.OverrideConfig(min_tokens=0))
