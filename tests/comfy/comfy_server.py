@@ -6,7 +6,8 @@ directory (the pack is linked into ``base/custom_nodes``), waits until the pack'
 :meth:`ComfyServer.queue` / :meth:`ComfyServer.wait` queue an API-format prompt and wait for its status, and
 :meth:`ComfyServer.run` does both and returns the history entry of a prompt that succeeded.
 :func:`tiny_sd3_base` makes a base directory holding the tiny SD3 and CLIP-L checkpoints. Nothing here drives a
-browser. (Not named ``server.py``: that would shadow ComfyUI's own ``server`` module.)
+browser. (Not named ``server.py``: on the tests' path that can shadow ComfyUI's own ``server`` module, which core
+nodes import.)
 """
 
 from __future__ import annotations
