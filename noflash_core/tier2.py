@@ -22,13 +22,7 @@ import torch
 
 from .chunk_setup import ChunkTiles, ForwardSpec, for_each_chunk, forward_outputs
 from .problem import AttentionProblem
-from .tiles import (
-    NEG_INF,
-    dropout_keep_scale,
-    guard_dead_rows,
-    row_blocks,
-    visible_keys,
-)
+from .tiles import NEG_INF, dropout_keep_scale, guard_dead_rows, row_blocks, visible_keys
 
 __all__ = ["tier2_forward"]
 

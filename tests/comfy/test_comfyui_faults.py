@@ -20,8 +20,8 @@ import time
 
 import pytest
 import torch
-from comfy_runtime import REPO_ROOT, comfyui_path, save_state_dict, tiny_clip_l_state_dict, tiny_sd3_state_dict
-from comfy_server import ComfyServer
+from comfy_runtime import REPO_ROOT
+from comfy_server import ComfyServer, tiny_sd3_base
 
 FAULT_PACK = os.path.join(REPO_ROOT, "tests", "comfy", "fault_pack")
 LATENT = 512  # EmptySD3LatentImage 512x512 -> 64x64 latent -> 1024 tokens per attention call (2 heads of 64)
@@ -29,15 +29,7 @@ LATENT = 512  # EmptySD3LatentImage 512x512 -> 64x64 latent -> 1024 tokens per a
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if comfyui_path() is None:
-        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
-    base = str(tmp_path_factory.mktemp("faults_base"))
-    from comfy_runtime import setup_comfyui
-
-    setup_comfyui()  # building the tiny models needs ComfyUI importable
-    models = os.path.join(base, "models")
-    save_state_dict(tiny_sd3_state_dict(), os.path.join(models, "diffusion_models", "tiny_sd3.safetensors"))
-    save_state_dict(tiny_clip_l_state_dict(), os.path.join(models, "text_encoders", "tiny_clip_l.safetensors"))
+    base = tiny_sd3_base(tmp_path_factory, "faults_base")
     with ComfyServer(base, extra_packs={"noflash_faults": FAULT_PACK}) as s:
         yield s
 
@@ -54,7 +46,7 @@ def _prompt(*, patch=None, tier=None, hold=None, cap_kib=None, inspect=None, cli
     model = ["1", 0]
     if patch is not None:
         p["2"] = {"class_type": "NoFlashAttentionPatcher",
-                  "inputs": {"model": model, "enabled": True, "min_tokens": 0, "budget_mb": patch}}
+                  "inputs": {"model": model, "enabled": True, "min_tokens": 0, "budget_mb": patch, "tune": "off"}}
         model = ["2", 0]
     if tier is not None:
         p["3"] = {"class_type": "NoFlashTierSelector", "inputs": {"model": model, "tier": str(tier), "block_m": 0,

@@ -9,13 +9,12 @@ text to another. Needs ``COMFYUI_PATH``.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 import torch
-from comfy_runtime import comfyui_path, save_state_dict, tiny_clip_l_state_dict, tiny_sd3_state_dict, wan_conditioning
-from comfy_server import ComfyServer
+from comfy_runtime import wan_conditioning
+from comfy_server import ComfyServer, tiny_sd3_base
 
 
 def _sample(model, steps=1):
@@ -60,15 +59,7 @@ def test_the_probe_shows_the_run_of_its_own_prompt_only(comfy, tiny_wan):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if comfyui_path() is None:
-        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
-    base = str(tmp_path_factory.mktemp("last_run_base"))
-    from comfy_runtime import setup_comfyui
-
-    setup_comfyui()  # building the tiny models needs ComfyUI importable
-    models = os.path.join(base, "models")
-    save_state_dict(tiny_sd3_state_dict(), os.path.join(models, "diffusion_models", "tiny_sd3.safetensors"))
-    save_state_dict(tiny_clip_l_state_dict(), os.path.join(models, "text_encoders", "tiny_clip_l.safetensors"))
+    base = tiny_sd3_base(tmp_path_factory, "last_run_base")
     with ComfyServer(base) as s:
         yield s
 
@@ -78,7 +69,7 @@ def _sampling_prompt():
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "NoFlashAttentionPatcher",
-              "inputs": {"model": ["1", 0], "enabled": True, "min_tokens": 0, "budget_mb": 0}},
+              "inputs": {"model": ["1", 0], "enabled": True, "min_tokens": 0, "budget_mb": 0, "tune": "off"}},
         "4": {"class_type": "CLIPLoader",
               "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "stable_diffusion", "device": "default"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 0], "text": "a red fox in snow"}},

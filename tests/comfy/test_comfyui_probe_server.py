@@ -12,13 +12,12 @@ Needs ``COMFYUI_PATH``.
 from __future__ import annotations
 
 import difflib
-import os
-import subprocess
-import sys
 
 import pytest
-from comfy_runtime import REPO_ROOT, comfyui_path
-from server import ComfyServer
+from comfy_runtime import comfyui_path
+from comfy_server import ComfyServer
+
+from tests.support.video_cli import video_cli_subprocess
 
 PAIRS = [
     ("wan2.2-5b", 1280, 704, 121, "arc"),
@@ -32,14 +31,6 @@ def server(tmp_path_factory):
         pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
     with ComfyServer(str(tmp_path_factory.mktemp("probe_server"))) as srv:
         yield srv
-
-
-def _cli(*args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    proc = subprocess.run([sys.executable, "-m", "noflash_core.video", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.rstrip("\n")
 
 
 def _combo_options(spec) -> list:
@@ -67,8 +58,8 @@ def test_probe_text_in_the_server_equals_the_cli(server, family, width, height, 
     entry = server.run(prompt)
     text = entry["outputs"]["1"]["text"][0]
     chart = entry["outputs"]["1"]["noflash_estimate"][0]
-    cli = _cli("--model", family, "--width", str(width), "--height", str(height), "--frames", str(frames),
-               "--device", device)
+    cli = video_cli_subprocess("--model", family, "--width", str(width), "--height", str(height),
+                               "--frames", str(frames), "--device", device)
     assert cli in text, "\n".join(difflib.unified_diff(cli.splitlines(), text.splitlines(), "cli", "node", lineterm=""))
     assert chart["device"]["key"] == device and chart["text"] == text
     if device == "arc":

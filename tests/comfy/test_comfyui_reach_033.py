@@ -10,8 +10,8 @@
   and SeedVR2's VAE attention block, which keeps its function as ``optimized_vae_attention``.
 
 Every comparison: the patched output against float64 exact attention, within 4x ComfyUI's own error against it plus
-4 ulps (the tolerance of ``tests/comfy/test_comfyui_clip_vae.py``); the patched calls counted as noflash's; the
-original model untouched. Runs only on a ComfyUI that has these classes (0.33 and later).
+4 ulps (``tests/comfy/encoder_checks.py``); the patched calls counted as noflash's; the original model untouched.
+Runs only on a ComfyUI that has these classes (0.33 and later).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import dataclasses
 import pytest
 import tiny_encoders as te
 import torch
+from encoder_checks import CountComfyAttention, assert_exact, exact_clip
 
 _TOKENS = 800  # 4 heads x 800^2 fp32 scores are 10 MiB: past noflash's fast path, so the tiles run
 
@@ -32,18 +33,6 @@ _ENCODERS = [
     ("Qwen25_7BVLI_Config", "Qwen2.5-VL 7B (Qwen-Image, HunyuanVideo 1.5, Kandinsky 5): qkv bias"),
     ("Qwen3VL_32BConfig", "Qwen3-VL 32B (MiniMax H3): interleaved M-RoPE"),
 ]
-
-
-def _tolerance(original: torch.Tensor, truth: torch.Tensor) -> float:
-    err = (original.double() - truth.double()).abs().max().item()
-    return 4.0 * err + 4.0 * torch.finfo(original.dtype).eps * max(truth.abs().max().item(), 1e-3)
-
-
-def _assert_exact(patched: torch.Tensor, original: torch.Tensor, truth: torch.Tensor) -> None:
-    assert patched.shape == original.shape and patched.dtype == original.dtype
-    err = (patched.double() - truth.double()).abs().max().item()
-    tol = _tolerance(original, truth)
-    assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e} (ComfyUI's own error sets it)"
 
 
 def _require(module: str, name: str = ""):
@@ -105,44 +94,12 @@ def _tiny_encoder_clip(config_cls, seed: int = 0):
     return te.make_clip(model)
 
 
-class _CountComfyAttention:
-    """Counts calls of ComfyUI's own attention functions (module globals the encoders look up per call)."""
-
-    NAMES = ("attention_basic", "attention_pytorch", "attention_sub_quad", "attention_split")
-
-    def __init__(self, monkeypatch):
-        import comfy.ldm.modules.attention as attention
-
-        self.calls = 0
-        for name in self.NAMES:
-            real = getattr(attention, name)
-            monkeypatch.setattr(attention, name, self._counting(real))
-
-    def _counting(self, real):
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        counted.__name__ = real.__name__
-        return counted
-
-
-def _exact_clip(rt, clip):
-    clip_mod = rt.module("noflash_core.comfy.clip")
-    override = rt.module("noflash_core.comfy.override")
-    ref = clip.clone()
-    encode = ref.patcher.get_model_object("encode_token_weights")
-    ref.patcher.add_object_patch("encode_token_weights", clip_mod.EncodeRouter(
-        encode, ref.cond_stage_model, override.OverrideConfig(min_tokens=0), route=te.float64_route))
-    return ref
-
-
 @pytest.mark.parametrize("config_name, what", _ENCODERS, ids=[e[0] for e in _ENCODERS])
 def test_2026_text_encoder_through_clip_patcher(rt, config_name, what, monkeypatch):
     config_cls = _require("comfy.text_encoders.llama", config_name)
     clip = _tiny_encoder_clip(config_cls)
     tokens = te.token_batch([_TOKENS, 531], _TOKENS, pad=0)  # padding mask on the second row, causal on both
-    counter = _CountComfyAttention(monkeypatch)
+    counter = CountComfyAttention(monkeypatch)
     original = clip.encode_from_tokens(tokens)
     comfy_calls = counter.calls
     assert comfy_calls == 2  # one per layer, through ComfyUI's optimized_attention_for_device
@@ -152,8 +109,8 @@ def test_2026_text_encoder_through_clip_patcher(rt, config_name, what, monkeypat
     assert counter.calls == comfy_calls  # the patched encode never called ComfyUI's attention
     stats = patched_clip.patcher.object_patches["encode_token_weights"].stats
     assert stats.calls == {"noflash": 2} and stats.tiers and set(stats.tiers) <= {1, 2, 3}, stats
-    truth = _exact_clip(rt, clip).encode_from_tokens(tokens)
-    _assert_exact(patched, original, truth)
+    truth = exact_clip(rt, clip).encode_from_tokens(tokens)
+    assert_exact(patched, original, truth)
     # The original CLIP is untouched: no routed forward left behind, and it encodes as before.
     assert all("forward" not in m.__dict__ for m in clip.cond_stage_model.modules())
     assert torch.equal(clip.encode_from_tokens(tokens), original)
@@ -197,7 +154,7 @@ def test_gemma4_inline_attention_through_clip_patcher(rt, monkeypatch):
     gemma4 = _require("comfy.text_encoders.gemma4")
     clip = _tiny_gemma4_clip(gemma4)
     tokens = te.token_batch([_TOKENS, 531], _TOKENS, pad=0)
-    counter = _CountComfyAttention(monkeypatch)
+    counter = CountComfyAttention(monkeypatch)
     original = clip.encode_from_tokens(tokens)
     comfy_calls = counter.calls
     assert comfy_calls >= 2 and original.abs().max() > 1e-2
@@ -208,8 +165,8 @@ def test_gemma4_inline_attention_through_clip_patcher(rt, monkeypatch):
     assert counter.calls == comfy_calls  # no call went to ComfyUI's attention
     stats = patched_clip.patcher.object_patches["encode_token_weights"].stats
     assert stats.calls == {"noflash": comfy_calls} and stats.tiers, stats
-    truth = _exact_clip(rt, clip).encode_from_tokens(tokens)
-    _assert_exact(patched, original, truth)
+    truth = exact_clip(rt, clip).encode_from_tokens(tokens)
+    assert_exact(patched, original, truth)
     assert gemma4.optimized_attention_for_device is picker  # the module's global is ComfyUI's again
     assert torch.equal(clip.encode_from_tokens(tokens), original)
 
@@ -268,8 +225,22 @@ def test_hunyuanvideo15_vae_through_vae_patcher(rt):
     # The mid-block attends over every latent frame at once: 2 x 3 x 3 = 18 tokens (1024 channels, one head).
     assert stats.calls.get("noflash", 0) >= 1 and stats.max_q_len == 18, stats
     assert "comfy" not in stats.calls
-    _assert_exact(patched, original, truth)
+    assert_exact(patched, original, truth)
     assert vae.patcher.object_patches == {}
+
+
+def _run_patched(patcher, patches, call):
+    """``call()`` under ``torch.no_grad`` with the object ``patches`` (``{key: value}``) on a clone of ``patcher``, as
+    ComfyUI applies them; the clone is unpatched afterwards, also when ``call`` raises."""
+    clone = patcher.clone()
+    for key, fn in patches.items():
+        clone.add_object_patch(key, fn)
+    clone.patch_model()
+    try:
+        with torch.no_grad():
+            return call()
+    finally:
+        clone.unpatch_model()
 
 
 def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
@@ -291,15 +262,7 @@ def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
     patcher = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
 
     def run(patches):
-        clone = patcher.clone()
-        for key, fn in patches.items():
-            clone.add_object_patch(key, fn)
-        clone.patch_model()
-        try:
-            with torch.no_grad():
-                return holder.attn(x)
-        finally:
-            clone.unpatch_model()
+        return _run_patched(patcher, patches, lambda: holder.attn(x))
 
     original = run({})
     noflash = vae_mod.VAEAttention(holder.attn.optimized_vae_attention, override.OverrideConfig(min_tokens=0))
@@ -307,7 +270,7 @@ def test_seedvr2_vae_attention_block_reached_by_its_attribute(rt):
     truth = run({keys[0]: vae_mod.VAEAttention(holder.attn.optimized_vae_attention, override.OverrideConfig(
         min_tokens=0), attention=te.float64_attention)})
     assert noflash.stats.calls == {"noflash": 1} and noflash.stats.max_q_len == 576
-    _assert_exact(patched, original, truth)
+    assert_exact(patched, original, truth)
     assert "optimized_vae_attention" in holder.attn.__dict__ and not isinstance(
         holder.attn.optimized_vae_attention, vae_mod.VAEAttention)  # restored after the clone unpatched
 
@@ -337,15 +300,7 @@ def test_minimax_h3_vae_module_level_attention_reached_through_decode(rt):
     patcher = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
 
     def run(router=None):
-        clone = patcher.clone()
-        if router is not None:
-            clone.add_object_patch("decode", router)
-        clone.patch_model()
-        try:
-            with torch.no_grad():
-                return holder.decode(x)
-        finally:
-            clone.unpatch_model()
+        return _run_patched(patcher, {} if router is None else {"decode": router}, lambda: holder.decode(x))
 
     original = run()
     noflash = vae_mod.VAEGlobalRouter(holder.decode, holder, override.OverrideConfig(min_tokens=0))
@@ -353,6 +308,6 @@ def test_minimax_h3_vae_module_level_attention_reached_through_decode(rt):
     truth = run(vae_mod.VAEGlobalRouter(holder.decode, holder, override.OverrideConfig(min_tokens=0),
                                         route=te.float64_route))
     assert noflash.stats.calls == {"noflash": 1} and noflash.stats.max_q_len == 900, noflash.stats
-    _assert_exact(patched, original, truth)
+    assert_exact(patched, original, truth)
     assert minimax_vae.optimized_attention is comfy_function  # the module's global is ComfyUI's again
     assert "decode" not in holder.__dict__ or not isinstance(holder.__dict__["decode"], vae_mod.VAEGlobalRouter)

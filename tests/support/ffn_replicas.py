@@ -109,13 +109,14 @@ class LTXVFeedForward(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Lumina2/SD3-style ``w2(silu(w1 x) * w3 x)``; note ``w2`` is registered between the input projections."""
+    """Lumina2/SD3-style ``w2(silu(w1 x) * w3 x)``; note ``w2`` is registered between the input projections.
+    ``linear`` makes the three projections (``comfy.ops``-like :class:`CastLinear` by default)."""
 
-    def __init__(self, dim: int = D, hidden: int = H) -> None:
+    def __init__(self, dim: int = D, hidden: int = H, linear: type = CastLinear) -> None:
         super().__init__()
-        self.w1 = CastLinear(dim, hidden, bias=False)
-        self.w2 = CastLinear(hidden, dim, bias=False)
-        self.w3 = CastLinear(dim, hidden, bias=False)
+        self.w1 = linear(dim, hidden, bias=False)
+        self.w2 = linear(hidden, dim, bias=False)
+        self.w3 = linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -315,15 +316,11 @@ class CrossAttention(nn.Module):
         return self.to_out(F.scaled_dot_product_attention(q, k, v))
 
 
-class Expert(nn.Module):
-    def __init__(self, dim: int = D, hidden: int = H) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+class Expert(SwiGLU):
+    """Mixtral-style expert: the same ``w2(silu(w1 x) * w3 x)`` with plain ``nn.Linear`` children."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def __init__(self, dim: int = D, hidden: int = H) -> None:
+        super().__init__(dim, hidden, linear=nn.Linear)
 
 
 class SparseMoeBlock(nn.Module):

@@ -16,9 +16,7 @@ import {
   tierLabel,
   tierMix,
 } from "../noflash_format.js";
-
-const GiB = 1024 ** 3;
-const MiB = 1024 ** 2;
+import { GiB, MiB } from "./units.mjs";
 
 function status(extra = {}) {
   return {

@@ -11,9 +11,7 @@ import {
   statusForNode,
   statusGraph,
 } from "../noflash_format.js";
-
-const GiB = 1024 ** 3;
-const MiB = 1024 ** 2;
+import { GiB, MiB } from "./units.mjs";
 
 // A finished attention run of the Attention Patcher (node 2) and Tier Selector (node 3) of graph "wf-a".
 function run(extra = {}) {
