@@ -257,6 +257,17 @@ def test_qwen3_gqa_text_encoder_through_the_clip_patcher(comfy, qwen3, monkeypat
     assert torch.equal(again, original) and len(calls) == before + 28  # the original is untouched
 
 
+def _patched_run_is_exact(comfy, model, inputs, reference, truth):
+    """Sample ``model`` through the Attention Patcher (min_tokens 0), assert the result is within the derived
+    tolerance of the float64 ``truth`` (ComfyUI's own ``reference`` sets it); returns the run's telemetry."""
+    patched = _node(comfy, "NoFlashAttentionPatcher", model, True, 0, 0)
+    out = _sample(patched, *inputs)
+    err = (out.double() - truth.double()).abs().max().item()
+    tol = _tolerance(reference, truth.double())
+    assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e}"
+    return comfy.module("noflash_core.comfy.telemetry").default_history().latest()
+
+
 @pytest.fixture(scope="module")
 def krea2(comfy):
     if not tm.has_comfy_033_attention():
@@ -275,12 +286,7 @@ def test_krea2_through_the_attention_patcher(comfy, krea2):
     exact.model_options.setdefault("transformer_options", {})[OVERRIDE] = _float64_sampler_override
     truth = _sample(exact, latent, positive, negative)
 
-    patched = _node(comfy, "NoFlashAttentionPatcher", krea2, True, 0, 0)
-    out = _sample(patched, latent, positive, negative)
-    err = (out.double() - truth.double()).abs().max().item()
-    tol = _tolerance(reference, truth.double())
-    assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e}"
-    run = comfy.module("noflash_core.comfy.telemetry").default_history().latest()
+    run = _patched_run_is_exact(comfy, krea2, (latent, positive, negative), reference, truth)
     # 2 steps x (cond+uncond batched) x (4 text-fusion blocks + 1 single-stream block); text fusion runs per layer.
     assert run["label"] == "Krea2" and run["calls"] == 2 * 5 and "comfy" not in run["tiers"]
     assert run["replaced_by"] is None and run["max_q_len"] == 64 + 12
@@ -306,12 +312,7 @@ def test_ernie_image_module_level_attention_through_the_attention_patcher(comfy)
     with module_swap.swapped_globals([ernie_module], "optimized_attention", exact):
         truth = _sample(ernie, latent, positive, negative)
 
-    patched = _node(comfy, "NoFlashAttentionPatcher", ernie, True, 0, 0)
-    out = _sample(patched, latent, positive, negative)
-    err = (out.double() - truth.double()).abs().max().item()
-    tol = _tolerance(reference, truth.double())
-    assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e}"
-    run = comfy.module("noflash_core.comfy.telemetry").default_history().latest()
+    run = _patched_run_is_exact(comfy, ernie, (latent, positive, negative), reference, truth)
     # 2 steps x (cond and uncond batched) x 2 layers, every one through noflash's tiles
     assert run["label"] == "ErnieImage" and run["calls"] == 2 * 2 and "comfy" not in run["tiers"], run
     assert ernie_module.optimized_attention is function  # the module's name is back after the clone's calls

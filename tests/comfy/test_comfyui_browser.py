@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,11 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from browser import CHROMIUM
+from browser import free_port as _free_port
+from browser import get_json as _get_json
+from browser import stop as _stop
+from browser import wait_http as _wait_http
 from comfy_runtime import (
     REPO_ROOT,
     comfyui_path,
@@ -41,39 +45,6 @@ from comfy_runtime import (
     tiny_clip_l_state_dict,
     tiny_sd3_state_dict,
 )
-
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
-def _wait_http(url: str, deadline: float, proc: subprocess.Popen, what: str):
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            return _get_json(url, timeout=2)
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    raise TimeoutError(f"{what} did not answer {url}")
-
-
-def _stop(proc: subprocess.Popen, timeout: float) -> None:
-    """Terminate ``proc``; kill it if it has not exited after ``timeout`` seconds."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _workflow(unet: str, clip: str) -> dict:

@@ -12,43 +12,9 @@ import pytest
 import tiny_encoders as te
 import torch
 from comfy_runtime import tiny_clip_l_state_dict
+from encoder_checks import CountComfyAttention, assert_exact, exact_clip
 
 from noflash_core.memory.tracker import LiveBytesTracker
-
-
-def _tolerance(original: torch.Tensor, truth: torch.Tensor) -> float:
-    """4x ComfyUI's own max error against the exact-attention run, plus 4 ulps of the output's scale."""
-    err = (original.double() - truth.double()).abs().max().item()
-    return 4.0 * err + 4.0 * torch.finfo(original.dtype).eps * max(truth.abs().max().item(), 1e-3)
-
-
-def _assert_exact(patched: torch.Tensor, original: torch.Tensor, truth: torch.Tensor) -> None:
-    assert patched.shape == original.shape and patched.dtype == original.dtype
-    err = (patched.double() - truth.double()).abs().max().item()
-    tol = _tolerance(original, truth)
-    assert err <= tol, f"noflash error {err:.3e} > tolerance {tol:.3e} (ComfyUI's own error sets it)"
-
-
-class _CountComfyAttention:
-    """Counts calls of ComfyUI's own attention functions (the module globals text encoders look up per call)."""
-
-    NAMES = ("attention_basic", "attention_pytorch", "attention_sub_quad", "attention_split")
-
-    def __init__(self, monkeypatch):
-        import comfy.ldm.modules.attention as attention
-
-        self.calls = 0
-        for name in self.NAMES:
-            real = getattr(attention, name)
-            monkeypatch.setattr(attention, name, self._counting(real))
-
-    def _counting(self, real):
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        counted.__name__ = real.__name__
-        return counted
 
 
 def _node(comfy, name, *args):
@@ -57,17 +23,6 @@ def _node(comfy, name, *args):
 
 def _router(clip):
     return clip.patcher.object_patches["encode_token_weights"]
-
-
-def _exact_clip(comfy, clip):
-    """A clone of ``clip`` whose attention is float64 math SDPA (the reference)."""
-    clip_mod = comfy.module("noflash_core.comfy.clip")
-    override = comfy.module("noflash_core.comfy.override")
-    ref = clip.clone()
-    encode = ref.patcher.get_model_object("encode_token_weights")
-    ref.patcher.add_object_patch("encode_token_weights", clip_mod.EncodeRouter(
-        encode, ref.cond_stage_model, override.OverrideConfig(min_tokens=0), route=te.float64_route))
-    return ref
 
 
 def _no_routed_forward(model) -> bool:
@@ -84,7 +39,7 @@ def clip_l(comfy):
 
 def test_clip_l_patched_equals_original_and_never_calls_comfy_attention(comfy, clip_l, monkeypatch):
     tokens = clip_l.tokenize("a red fox in deep snow, watercolor, highly detailed")
-    counter = _CountComfyAttention(monkeypatch)
+    counter = CountComfyAttention(monkeypatch)
     original = clip_l.encode_from_tokens(tokens, return_pooled=True)
     comfy_calls = counter.calls
     assert comfy_calls == 12  # CLIP-L: one attention_basic call per layer
@@ -110,14 +65,14 @@ def test_clip_l_patched_equals_original_and_never_calls_comfy_attention(comfy, c
     last_layer.encode_from_tokens(tokens)
     assert counter.calls == 3 * comfy_calls and _router(last_layer).stats.encodes == 2
 
-    truth = _exact_clip(comfy, clip_l).encode_from_tokens(tokens, return_pooled=True)  # ComfyUI's attention in f64
+    truth = exact_clip(comfy, clip_l).encode_from_tokens(tokens, return_pooled=True)  # ComfyUI's attention in f64
     for p, o, t in zip(patched, original, truth):
-        _assert_exact(p, o, t)
+        assert_exact(p, o, t)
 
 
 def test_clip_defaults_leave_77_tokens_to_comfy(comfy, clip_l, monkeypatch):
     tokens = clip_l.tokenize("a lighthouse")
-    counter = _CountComfyAttention(monkeypatch)
+    counter = CountComfyAttention(monkeypatch)
     patched = _node(comfy, "NoFlashCLIPPatcher", clip_l, True, 1024, 0)
     patched.encode_from_tokens(tokens)
     assert counter.calls == 12 and _router(patched).stats.calls == {"comfy": 12}
@@ -147,7 +102,7 @@ def test_t5_and_llama_encoders_every_mask_form(comfy, kind, monkeypatch):
     else:
         clip = te.tiny_llama_clip(attention_mask=False)  # mask: causal (L, L) only
         tokens = _long_tokens([800], 800, pad=0)
-    counter = _CountComfyAttention(monkeypatch)
+    counter = CountComfyAttention(monkeypatch)
     original = clip.encode_from_tokens(tokens)
     assert counter.calls == 2
     patched_clip = _node(comfy, "NoFlashCLIPPatcher", clip, True, 0, 0)
@@ -155,8 +110,8 @@ def test_t5_and_llama_encoders_every_mask_form(comfy, kind, monkeypatch):
     assert counter.calls == 2  # the patched encoder never called ComfyUI's attention
     stats = _router(patched_clip).stats
     assert stats.calls == {"noflash": 2} and set(stats.tiers) <= {1, 2, 3} and stats.tiers, stats
-    truth = _exact_clip(comfy, clip).encode_from_tokens(tokens)
-    _assert_exact(patched, original, truth)
+    truth = exact_clip(comfy, clip).encode_from_tokens(tokens)
+    assert_exact(patched, original, truth)
     assert _no_routed_forward(clip.cond_stage_model)
 
 
@@ -168,7 +123,7 @@ def test_qwen_vl_vision_tower_windows(comfy, monkeypatch):
     tower = te.tiny_qwen_vision()
     image = torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(0))
     pixels, grid = process_qwen2vl_images(image)
-    counter = _CountComfyAttention(monkeypatch)
+    counter = CountComfyAttention(monkeypatch)
     with torch.no_grad():
         original = tower(pixels, grid)
         calls = counter.calls
@@ -178,7 +133,7 @@ def test_qwen_vl_vision_tower_windows(comfy, monkeypatch):
         assert counter.calls == calls and router.stats.calls == {"noflash": calls}
         exact = clip_mod.EncodeRouter(tower.forward, tower, override.OverrideConfig(min_tokens=0),
                                       route=te.float64_route)(pixels, grid)
-    _assert_exact(patched, original, exact)
+    assert_exact(patched, original, exact)
     assert _no_routed_forward(tower)
 
 
@@ -282,7 +237,7 @@ def test_sd_vae_defaults_exact_and_no_4096_square_scores(comfy, narrow_sd_vae):
     assert stats.calls == {"noflash": 1} and set(stats.tiers) <= {1, 2, 3} and stats.tiers, stats
 
     truth = _exact_vae(comfy, vae).decode(latent)
-    _assert_exact(patched, original, truth)
+    assert_exact(patched, original, truth)
     # The original is untouched: its blocks keep ComfyUI's function and decode as before.
     again = vae.decode(latent)
     assert _attention_fns(vae) == before and torch.equal(again, original)
@@ -296,7 +251,7 @@ def test_sd_vae_tiled_decode_still_works(comfy, narrow_sd_vae):
     patched_vae = _node(comfy, "NoFlashVAEPatcher", vae, True, 0, 0)
     patched = patched_vae.decode_tiled(latent, **tiles)
     truth = _exact_vae(comfy, vae).decode_tiled(latent, **tiles)
-    _assert_exact(patched, original, truth)
+    assert_exact(patched, original, truth)
     assert patched_vae.noflash_stats.calls.get("noflash", 0) > 3  # one per tile
 
 
@@ -309,7 +264,7 @@ def test_wan_vae_per_frame_attention(comfy):
     stats = patched_vae.noflash_stats
     assert stats.calls == {"noflash": 2} and stats.max_q_len == 16  # one call per latent frame, 4 x 4 tokens
     truth = _exact_vae(comfy, vae).decode(latent)
-    _assert_exact(patched, original, truth)
+    assert_exact(patched, original, truth)
     assert torch.equal(vae.decode(latent), original)
 
 
