@@ -33,7 +33,7 @@ import noflash_core.device_memory as device_memory
 from noflash_core import patch
 from noflash_core.auto_patch import decide_and_apply
 from noflash_core.bench.device import PeakMemory, describe_machine
-from noflash_core.budget import FREE_MEMORY_FRACTION, default_budget_bytes
+from noflash_core.budget import FREE_MEMORY_FRACTION, bucket_bytes, default_budget_bytes
 from noflash_core.comfy.startup import run_startup
 from noflash_core.comfy.telemetry import RunHistory, RunMonitor
 from noflash_core.device import PRESETS, amd_arch_from_name, clear_profile_cache, device_profile, sdp_flags
@@ -245,7 +245,8 @@ def test_host_memory_without_proc_meminfo_comes_from_psutil(monkeypatch):
 def test_budget_under_zluda_is_half_the_free_memory_mem_get_info_reports(gpu, monkeypatch):
     gpu(free=10 * GiB)
     monkeypatch.delenv("NOFLASH_BUDGET_MB", raising=False)
-    assert default_budget_bytes(CUDA0) == int(10 * GiB * FREE_MEMORY_FRACTION)
+    half = int(10 * GiB * FREE_MEMORY_FRACTION)  # rounded down to its eighth-octave bucket (budget.bucket_bytes)
+    assert default_budget_bytes(CUDA0) == bucket_bytes(half) and 0.917 * half <= bucket_bytes(half) <= half
     monkeypatch.setenv("NOFLASH_BUDGET_MB", "512")
     assert default_budget_bytes(CUDA0) == 512 * 1024 * 1024
 
