@@ -177,10 +177,16 @@ def load_pack(base: str):
     """Load the pack exactly as ComfyUI loads a custom-node directory; returns the pack's module.
 
     ComfyUI imports ``custom_nodes/<dir>/__init__.py`` under a module name made from the directory path and
-    registers what ``comfy_entrypoint`` lists in ``nodes.NODE_CLASS_MAPPINGS``.
+    registers what ``comfy_entrypoint`` lists in ``nodes.NODE_CLASS_MAPPINGS``. A process loads the pack once: a
+    second copy (from another ``base``) would replace the node classes in ``NODE_CLASS_MAPPINGS`` with its own, whose
+    telemetry the first copy's readers never see, so the copy already loaded is returned.
     """
     import nodes
 
+    loaded = _loaded_pack()
+    if loaded is not None:
+        make_custom_nodes_dir(base)  # the server tests still want the link in their base
+        return loaded
     pack_path = make_custom_nodes_dir(base)
     name = pack_path.replace(".", "_x_")
     if name not in sys.modules:
@@ -188,6 +194,16 @@ def load_pack(base: str):
         if not ok:
             raise RuntimeError(f"ComfyUI refused to load the pack from {pack_path}")
     return sys.modules[name]
+
+
+def _loaded_pack():
+    """The pack module ComfyUI already loaded in this process (from any ``custom_nodes`` folder), or None."""
+    init = os.path.realpath(os.path.join(REPO_ROOT, "__init__.py"))
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if "custom_nodes" in name and path and os.path.realpath(path) == init:
+            return module
+    return None
 
 
 def pack_module(pack, dotted: str):
