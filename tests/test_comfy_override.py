@@ -444,20 +444,21 @@ def test_long_sequence_memory_far_below_n_squared():
 
 
 class _DispatchSpy:
-    """Records the shapes and keywords noflash's dispatcher (``sdpa._attention``) receives, then runs it."""
+    """Records the shapes and keywords noflash's dispatcher (``noflash_core.attention``, as the override module
+    bound it) receives, then runs it."""
 
     def __init__(self, monkeypatch):
-        import noflash_core.sdpa as sdpa
+        import noflash_core.comfy.override as override
 
         self.calls = []
-        real = sdpa._attention
+        real = override.attention
 
         def spy(query, key, value, attn_mask=None, *args, **kwargs):
             self.calls.append({"q": tuple(query.shape), "k": tuple(key.shape), "v": tuple(value.shape),
                                "scale": kwargs.get("scale"), "enable_gqa": kwargs.get("enable_gqa")})
             return real(query, key, value, attn_mask, *args, **kwargs)
 
-        monkeypatch.setattr(sdpa, "_attention", spy)
+        monkeypatch.setattr(override, "attention", spy)
 
 
 def _gqa_qkv(b=2, hq=8, hkv=2, n_q=40, n_k=40, d=16, layout="bnd", dtype=torch.float32, seed=11):
