@@ -131,15 +131,15 @@ def test_comfy_attention_with_override_matches_without(comfy, function, layout, 
 def test_gqa_reaches_the_tiles_at_the_kv_head_count(comfy, monkeypatch):
     if not tm.has_comfy_033_attention():
         pytest.skip("enable_gqa= is a ComfyUI 0.33+ keyword")
-    sdpa = comfy.module("noflash_core.sdpa")
+    override_module = comfy.module("noflash_core.comfy.override")  # the dispatcher as the override bound it
     seen = []
-    real = sdpa._attention
+    real = override_module.attention
 
     def spy(query, key, value, *args, **kwargs):
         seen.append((tuple(key.shape), kwargs.get("enable_gqa")))
         return real(query, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(sdpa, "_attention", spy)
+    monkeypatch.setattr(override_module, "attention", spy)
     records = []
     override = _noflash_override(comfy, records)
     for layout in ("bnd", "bhnd"):
