@@ -30,7 +30,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from browser import CHROMIUM, DevTools
+from browser import CHROMIUM
 from browser import free_port as _free_port
 from browser import get_json as _get_json
 from browser import stop as _stop
@@ -103,6 +103,44 @@ def _workflow(unet: str, clip: str) -> dict:
             o["links"] = o["links"] or None
     return {"last_node_id": 10, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 0.85, "offset": [0, 50]}}, "version": 0.4}
+
+
+class _DevTools:
+    """Minimal Chrome DevTools protocol client (one page) on aiohttp's websocket client."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.ids = itertools.count(1)
+
+    async def send(self, method: str, **params):
+        msg_id = next(self.ids)
+        await self.ws.send_json({"id": msg_id, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=120)
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    async def js(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"JS error: {json.dumps(result['exceptionDetails'])[:2000]}")
+        return result.get("result", {}).get("value")
+
+    async def wait_js(self, expression: str, timeout: float, what: str):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                value = await self.js(expression)
+            except RuntimeError as exc:  # the page is navigating (a reload): ask again
+                if "navigated" not in str(exc) and "context" not in str(exc):
+                    raise
+                value = None
+            if value:
+                return value
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"timed out waiting for {what}")
 
 
 _BADGES_JS = """
@@ -261,7 +299,7 @@ async def _drive_browser(devtools_port: int, url: str, workflow: dict, screensho
     page = next(t for t in targets if t.get("type") == "page")
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            dt = DevTools(ws)
+            dt = _DevTools(ws)
             await dt.send("Page.enable")
             await dt.send("Emulation.setDeviceMetricsOverride", width=1760, height=1000, deviceScaleFactor=1,
                           mobile=False)
